@@ -1,0 +1,174 @@
+"""The one image type of crossdiff: a voxel array with its physical geometry.
+
+Arrays are stored the way SimpleITK hands them over, indexed (z, y, x); geometry is in ITK's
+patient coordinates (LPS, millimetres) with size, spacing and origin in (x, y, z) order. Keeping the
+geometry beside the array is what lets every output land in its input's exact physical space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from crossdiff.atomic import atomic_path
+from crossdiff.errors import InputError
+
+WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
+
+# Which fill value a voxel gets when it falls outside the image during resampling.
+BACKGROUND = {"CT": -1024.0, "MR": 0.0, "PET": 0.0}
+
+INTERPOLATORS = {
+    "linear": sitk.sitkLinear,
+    "nearest": sitk.sitkNearestNeighbor,
+    "bspline": sitk.sitkBSpline,
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A voxel grid in physical space: size, spacing and origin in (x, y, z); direction row-major 3x3."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),  # type: ignore[arg-type]
+            spacing=tuple(float(s) for s in image.GetSpacing()),  # type: ignore[arg-type]
+            origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
+            direction=tuple(float(d) for d in image.GetDirection()),
+        )
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The numpy shape (z, y, x) of an array on this grid."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    @property
+    def orientation(self) -> str:
+        """Three letters naming where each axis points, in ITK's convention (identity is 'LPS')."""
+        return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.direction)
+
+    def matches(self, other: Geometry, atol: float = 1e-3) -> bool:
+        """Same grid up to `atol` mm (spacing, origin) and `atol` in direction cosines."""
+        return (
+            self.size == other.size
+            and np.allclose(self.spacing, other.spacing, atol=atol)
+            and np.allclose(self.origin, other.origin, atol=atol)
+            and np.allclose(self.direction, other.direction, atol=atol)
+        )
+
+    def describe_difference(self, other: Geometry) -> str:
+        parts = []
+        for name in ("size", "spacing", "origin", "direction"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if not np.allclose(mine, theirs, atol=1e-3):
+                parts.append(f"{name} {_fmt(mine)} vs {_fmt(theirs)}")
+        return "; ".join(parts) or "none"
+
+
+def _fmt(values: tuple) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+@dataclass
+class Volume:
+    """A 3-D image: `array` indexed (z, y, x), its `geometry`, and what it shows.
+
+    `modality` is the family that decides intensity handling ('CT', 'MR', 'PET' or None when
+    unknown); `units` names the intensity scale ('HU', 'SUVbw', 'a.u.', ...); `path` is where it was
+    read from, so later errors can name the file.
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    modality: str | None = None
+    units: str | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.array.shape != self.geometry.shape:
+            raise ValueError(f"array shape {self.array.shape} does not match grid {self.geometry.shape}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.array.shape  # type: ignore[return-value]
+
+    @property
+    def background(self) -> float:
+        """Value that stands for 'nothing here' in this modality (air in CT is -1024 HU)."""
+        return BACKGROUND.get(self.modality or "", 0.0)
+
+    def with_array(self, array: np.ndarray, **changes: object) -> Volume:
+        """A new volume on the same grid, e.g. the normalised or translated version of this one."""
+        return replace(self, array=array, **changes)  # type: ignore[arg-type]
+
+    def to_sitk(self) -> sitk.Image:
+        return self.geometry.apply_to(sitk.GetImageFromArray(np.ascontiguousarray(self.array)))
+
+    @classmethod
+    def from_sitk(
+        cls, image: sitk.Image, modality: str | None = None, units: str | None = None, path: Path | None = None
+    ) -> Volume:
+        return cls(sitk.GetArrayFromImage(image), Geometry.of(image), modality, units, path)
+
+
+def write_volume(volume: Volume, path: str | Path) -> Path:
+    """Write NIfTI or MHA/NRRD with the geometry preserved; atomically, so a failure leaves nothing."""
+    path = Path(path)
+    if not path.name.lower().endswith(WRITABLE_SUFFIXES):
+        raise InputError(path, f"cannot write this format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=path.suffix in (".gz", ".mha", ".nrrd"))
+    return path
+
+
+def resample_to(
+    volume: Volume,
+    reference: Geometry | Volume,
+    interpolation: str = "linear",
+    default_value: float | None = None,
+    transform: sitk.Transform | None = None,
+) -> Volume:
+    """Resample `volume` onto the reference grid through physical space (optionally through `transform`,
+    which maps reference points to `volume` points, as SimpleITK registration returns it).
+
+    Voxels the source does not cover get `default_value`, by default the modality's background
+    (-1024 HU for CT, 0 otherwise). Use 'nearest' for masks and label maps.
+    """
+    grid = reference.geometry if isinstance(reference, Volume) else reference
+    if interpolation not in INTERPOLATORS:
+        raise ValueError(f"unknown interpolation {interpolation!r}; choose from {sorted(INTERPOLATORS)}")
+    fill = volume.background if default_value is None else default_value
+    reference_image = grid.apply_to(sitk.Image(list(grid.size), sitk.sitkUInt8))
+    moving = volume.to_sitk()
+    if interpolation != "nearest" and moving.GetPixelID() != sitk.sitkFloat32:
+        moving = sitk.Cast(moving, sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        moving,
+        reference_image,
+        transform or sitk.Transform(),
+        INTERPOLATORS[interpolation],
+        float(fill),
+        moving.GetPixelID(),
+    )
+    return Volume.from_sitk(resampled, volume.modality, volume.units, volume.path)
+
+
+def coverage(volume: Volume, reference: Geometry | Volume, transform: sitk.Transform | None = None) -> np.ndarray:
+    """Boolean array on the reference grid: True where `volume` has data (its field of view)."""
+    ones = volume.with_array(np.ones(volume.shape, dtype=np.uint8))
+    return resample_to(ones, reference, "nearest", 0, transform).array.astype(bool)
