@@ -16,23 +16,35 @@ from pathlib import Path
 from typing import Any
 
 
-def _suffixes(path: Path) -> str:
-    """Keep compound suffixes such as `.nii.gz` so format-sniffing writers still see them."""
-    return "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+def _format_suffix(path: Path) -> str:
+    """The lower-case format suffix (`.nii.gz` kept whole): writers such as ITK pick the format by it."""
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _file_mode() -> int:
+    """Permissions of an ordinary new file (0666 less the umask); mkstemp's files are private (0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
 def atomic_path(destination: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `destination`; on success move it into place, else delete it."""
+    """Yield a temporary path beside `destination`; on success move it into place, else delete it.
+
+    The temporary name carries only the format suffix (no second '.nii' inside it, which NIfTI
+    writers would misread), so any writer that sniffs the suffix writes the right format.
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=f".tmp{_suffixes(destination)}", dir=destination.parent
-    )
+    base = destination.name.replace(".", "_")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{base}.", suffix=f"_tmp{_format_suffix(destination)}", dir=destination.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        tmp.chmod(_file_mode())
         os.replace(tmp, destination)
     finally:
         tmp.unlink(missing_ok=True)

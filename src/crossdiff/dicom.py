@@ -1,12 +1,15 @@
 """DICOM series folders: find the series in a folder, read one as a Volume in physical units.
 
-SimpleITK (GDCM) sorts the slices by position along the slice normal and applies Rescale
-Slope/Intercept, so CT comes out in HU; pydicom reads the header fields GDCM does not expose
-(Modality, PET Units) and lets us check that the slices are evenly spaced before trusting the grid.
+pydicom scans the headers (so one corrupt or foreign file is named instead of crashing GDCM's
+scanner, and RTSTRUCT/SEG objects are told apart from images), orders the slices along the slice
+normal and checks that they are evenly spaced, consistent and complete before the grid is trusted.
+SimpleITK (GDCM) then decodes the pixels and applies Rescale Slope/Intercept per file, so CT comes
+out in HU and PET in the units the file declares.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,10 @@ from crossdiff.volumes import Volume
 
 MODALITY_FAMILY = {"CT": "CT", "MR": "MR", "PT": "PET", "PET": "PET"}
 PET_UNITS = {"GML": "SUVbw", "BQML": "Bq/ml", "CNTS": "counts"}
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# Objects that live beside images in a series folder but are not voxel images themselves.
+NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "SEG", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 
 @dataclass(frozen=True)
@@ -32,62 +39,204 @@ class SeriesInfo:
         return f"{self.uid} ({self.modality}, {len(self.files)} files{', ' + self.description if self.description else ''})"
 
 
+def has_dicom_marker(path: Path) -> bool:
+    """True if the file carries the 'DICM' marker after the 128-byte preamble (DICOM Part 10)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def contains_dicom(folder: Path) -> bool:
     """True if any file in `folder` (not below it) carries the DICOM 'DICM' preamble marker."""
-    for item in sorted(folder.iterdir()):
-        if item.is_file():
-            with item.open("rb") as handle:
-                handle.seek(128)
-                if handle.read(4) == b"DICM":
-                    return True
-    return False
+    return any(item.is_file() and has_dicom_marker(item) for item in sorted(folder.iterdir()))
 
 
 def list_series(folder: str | Path) -> list[SeriesInfo]:
-    """Every image series in `folder`, with the files of each sorted by slice position."""
-    folder = Path(folder)
-    reader = sitk.ImageSeriesReader()
+    """Every image series in `folder`, with the files of each sorted along the slice normal.
+
+    Raises InputError naming the file if a file that claims to be DICOM (by its marker or its
+    .dcm/.dicom/.ima name) cannot be parsed; other files (notes, thumbnails) are ignored.
+    """
+    return [info for info, _ in _group_series(Path(folder))]
+
+
+def _group_series(folder: Path) -> list[tuple[SeriesInfo, list[pydicom.Dataset]]]:
+    """Series of `folder` with their headers in slice order, so they are parsed only once."""
+    groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    for path, header in _scan(folder):
+        groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
     series = []
-    for uid in reader.GetGDCMSeriesIDs(str(folder)):
-        files = tuple(reader.GetGDCMSeriesFileNames(str(folder), uid))
-        header = pydicom.dcmread(files[0], stop_before_pixels=True)
-        modality = str(header.get("Modality", "OT"))
-        if modality in ("RTSTRUCT", "SEG", "RTPLAN", "RTDOSE", "SR", "PR"):
-            continue
-        series.append(SeriesInfo(uid, modality, str(header.get("SeriesDescription", "")), files))
+    for uid, members in groups.items():
+        members.sort(key=_slice_key)
+        first = members[0][1]
+        info = SeriesInfo(
+            uid,
+            str(first.get("Modality", "OT")),
+            str(first.get("SeriesDescription", "")),
+            tuple(str(path) for path, _ in members),
+        )
+        series.append((info, [header for _, header in members]))
     return series
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
     """Read one series of `folder` (the only one, or the one with `series_uid`) as a Volume."""
     folder = Path(folder)
-    found = list_series(folder)
-    if not found:
-        raise InputError(folder, "holds no DICOM image series")
-    if series_uid is not None:
-        chosen = [s for s in found if s.uid == series_uid]
-        if not chosen:
-            raise InputError(folder, f"has no series {series_uid}; it holds: " + "; ".join(s.summary() for s in found))
-        series = chosen[0]
-    elif len(found) > 1:
-        raise InputError(
-            folder,
-            "holds several DICOM series; pick one with --series UID: " + "; ".join(s.summary() for s in found),
-        )
-    else:
-        series = found[0]
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.files]
+    series, headers = _choose_series(folder, _group_series(folder), series_uid)
+    _check_consistent(folder, series, headers)
     _check_even_spacing(folder, headers)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
+    # The pixel type must not come from the first slice alone: PET stores a different Rescale
+    # Slope per slice, and an integer first slice would truncate every other slice to integers.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(folder, f"DICOM series {series.uid} could not be read: {_last_line(error)}") from None
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
+        raise _unreadable_slice(folder, series, error) from None
     family = MODALITY_FAMILY.get(series.modality)
     return Volume.from_sitk(image, family, _units(family, headers[0]), folder)
+
+
+def read_dicom_file(path: str | Path) -> Volume:
+    """Read one DICOM file on its own (a single slice, or a multi-frame volume) as a Volume.
+
+    A file is read alone, not as part of the series its folder may hold: folders of test or export
+    files often hold copies of one image that share a SeriesInstanceUID. Give the folder to read a series.
+    """
+    path = Path(path)
+    header = _read_header(path, claimed=True)
+    if header is None or not _is_image(header):
+        kind = "no Modality" if header is None else str(header.get("Modality", "no Modality"))
+        raise InputError(path, f"is a DICOM object without an image ({kind}); give an image file or series folder")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        problem = f"DICOM pixel data could not be read; the file is truncated or corrupt ({_last_line(error)})"
+        raise InputError(path, problem) from None
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    family = MODALITY_FAMILY.get(str(header.get("Modality", "")))
+    return Volume.from_sitk(image, family, _units(family, header), path)
+
+
+def _scan(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """(file, header) of every DICOM image file directly in `folder`."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        header = _read_header(path)
+        if header is not None and _is_image(header):
+            found.append((path, header))
+    return found
+
+
+def _read_header(path: Path, claimed: bool = False) -> pydicom.Dataset | None:
+    """The header of a DICOM file; None for files that do not claim to be DICOM.
+
+    A file that claims to be DICOM (marker, suffix, or `claimed`) but cannot be parsed, or whose
+    header stops before the series identifiers (a truncated copy), is an InputError naming it.
+    """
+    claimed = claimed or has_dicom_marker(path) or path.name.lower().endswith(DICOM_SUFFIXES)
+    if not claimed:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on every odd value; the checks below decide
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as error:  # pydicom raises many types on garbage; all mean 'not readable DICOM'
+        raise InputError(path, f"is not a readable DICOM file ({type(error).__name__}: {error})") from None
+    if _is_dicomdir(header):
+        return None
+    if "SeriesInstanceUID" not in header:
+        problem = "is not a readable DICOM file: its header is truncated or it is not DICOM (no Series Instance UID)"
+        raise InputError(path, problem)
+    return header
+
+
+def _is_dicomdir(header: pydicom.Dataset) -> bool:
+    meta = getattr(header, "file_meta", None)
+    return meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS
+
+
+def _is_image(header: pydicom.Dataset) -> bool:
+    """Images have rows and columns; RTSTRUCT, SEG, plans and reports are not read as volumes."""
+    modality = str(header.get("Modality", "")).upper()
+    return modality not in NON_IMAGE_MODALITIES and "Rows" in header and "Columns" in header
+
+
+def _normal(header: pydicom.Dataset) -> np.ndarray | None:
+    if "ImageOrientationPatient" not in header:
+        return None
+    orientation = np.array(header.ImageOrientationPatient, dtype=float)
+    return np.cross(orientation[:3], orientation[3:])
+
+
+def _slice_key(member: tuple[Path, pydicom.Dataset]) -> tuple[float, float, str]:
+    """Position along the slice normal (as GDCM sorts), then InstanceNumber, then file name."""
+    path, header = member
+    normal = _normal(header)
+    position = 0.0
+    if normal is not None and "ImagePositionPatient" in header:
+        position = float(np.dot(normal, np.array(header.ImagePositionPatient, dtype=float)))
+    try:
+        number = float(header.get("InstanceNumber") or 0)
+    except (TypeError, ValueError):  # a malformed InstanceNumber only loses its vote in the order
+        number = 0.0
+    return (position, number, path.name)
+
+
+def _choose_series(
+    folder: Path, found: list[tuple[SeriesInfo, list[pydicom.Dataset]]], series_uid: str | None
+) -> tuple[SeriesInfo, list[pydicom.Dataset]]:
+    if not found:
+        raise InputError(folder, "holds no DICOM image series" + _non_image_note(folder))
+    listing = "; ".join(info.summary() for info, _ in found)
+    if series_uid is not None:
+        chosen = [entry for entry in found if entry[0].uid == series_uid]
+        if not chosen:
+            raise InputError(folder, f"has no series {series_uid}; it holds: {listing}")
+        return chosen[0]
+    if len(found) > 1:
+        raise InputError(folder, f"holds several DICOM series; pick one with --series UID: {listing}")
+    return found[0]
+
+
+def _non_image_note(folder: Path) -> str:
+    """Name the non-image objects found, so an RTSTRUCT folder is not mistaken for a broken series."""
+    kinds = set()
+    for path in folder.iterdir():
+        header = _read_header(path) if path.is_file() else None
+        if header is not None and not _is_image(header):
+            kinds.add(str(header.get("Modality", "unknown")))
+    if not kinds:
+        return ""
+    note = f" (only {', '.join(sorted(kinds))} objects"
+    if kinds & {"RTSTRUCT", "SEG"}:
+        note += "; contours and segmentations must be converted to a voxel mask (e.g. NIfTI) to be used"
+    return note + ")"
+
+
+def _unreadable_slice(folder: Path, series: SeriesInfo, error: Exception) -> InputError:
+    """GDCM says 'cannot read requested file' without naming it; find and name the culprit."""
+    for name in series.files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        reader.SetImageIO("GDCMImageIO")
+        try:
+            reader.Execute()
+        except RuntimeError:
+            problem = f"DICOM pixel data could not be read; the file is truncated or corrupt (series {series.uid})"
+            return InputError(name, problem)
+    return InputError(folder, f"DICOM series {series.uid} could not be read: {_last_line(error)}")
 
 
 def _units(family: str | None, header: pydicom.Dataset) -> str | None:
@@ -100,12 +249,31 @@ def _units(family: str | None, header: pydicom.Dataset) -> str | None:
     return None
 
 
+def _check_consistent(folder: Path, series: SeriesInfo, headers: list[pydicom.Dataset]) -> None:
+    """One grid needs one slice size and one orientation; scouts sharing a series UID break that."""
+    first = headers[0]
+    for name, header in zip(series.files[1:], headers[1:]):
+        if (header.Rows, header.Columns) != (first.Rows, first.Columns):
+            raise InputError(
+                folder,
+                f"DICOM series {series.uid} mixes slice sizes: {Path(name).name} is {header.Columns}x{header.Rows}, "
+                f"{Path(series.files[0]).name} is {first.Columns}x{first.Rows}",
+            )
+        normal, reference = _normal(header), _normal(first)
+        if normal is not None and reference is not None and not np.allclose(normal, reference, atol=1e-3):
+            raise InputError(
+                folder,
+                f"DICOM series {series.uid} mixes slice orientations ({Path(name).name} differs from the first slice)",
+            )
+
+
 def _check_even_spacing(folder: Path, headers: list[pydicom.Dataset]) -> None:
     """A missing or duplicated slice would silently stretch the anatomy; refuse it instead."""
     if len(headers) < 3 or any("ImagePositionPatient" not in h for h in headers):
         return
-    orientation = np.array(headers[0].ImageOrientationPatient, dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
+    normal = _normal(headers[0])
+    if normal is None:
+        return
     positions = np.sort([float(np.dot(normal, np.array(h.ImagePositionPatient, dtype=float))) for h in headers])
     gaps = np.diff(positions)
     step = float(np.median(gaps))

@@ -10,12 +10,19 @@ import gzip
 import re
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from crossdiff.dicom import contains_dicom, read_dicom_series
+from crossdiff.dicom import (
+    DICOM_SUFFIXES,
+    contains_dicom,
+    has_dicom_marker,
+    read_dicom_file,
+    read_dicom_series,
+)
 from crossdiff.errors import InputError
 from crossdiff.volumes import Geometry, Volume
 
@@ -23,7 +30,7 @@ sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+KNOWN_SUFFIXES = VOLUME_SUFFIXES + SLICE_SUFFIXES
 MODALITY_WORDS = {
     "CT": ("ct", "sct", "cbct"),
     "PET": ("pet", "pt", "suv", "fdg"),
@@ -33,6 +40,9 @@ MODALITY_WORDS = {
 
 def read_volume(path: str | Path, modality: str | None = None, series_uid: str | None = None) -> Volume:
     """Read an image file or a folder (DICOM series, or PNG/JPEG slices stacked in name order).
+
+    A single DICOM file is read on its own (one slice, or a multi-frame volume); give its folder
+    to read the whole series, and `series_uid` when that folder holds several.
 
     `modality` ('CT', 'MR', 'PET') overrides what the file says or its name suggests.
     Raises InputError naming the file for anything unreadable, 4-D, non-finite or empty.
@@ -68,8 +78,8 @@ def _read_raw(path: Path, series_uid: str | None) -> Volume:
     name = path.name.lower()
     if path.is_dir():
         volume = _read_folder(path, series_uid)
-    elif name.endswith(DICOM_SUFFIXES):
-        volume = read_dicom_series(path.parent, series_uid)
+    elif name.endswith(DICOM_SUFFIXES) or (not name.endswith(KNOWN_SUFFIXES) and has_dicom_marker(path)):
+        volume = read_dicom_file(path)
     elif name.endswith(SLICE_SUFFIXES):
         volume = _stack_slices(path, [path])
     elif name.endswith(VOLUME_SUFFIXES):
@@ -129,20 +139,38 @@ def _read_folder(folder: Path, series_uid: str | None) -> Volume:
     )
     if slices:
         return _stack_slices(folder, slices)
-    raise InputError(folder, "folder holds neither a DICOM series nor PNG/JPEG slices")
+    subfolders = sorted(f.name for f in folder.iterdir() if f.is_dir() and not f.name.startswith("."))
+    listed = ", ".join(subfolders[:6]) + (", ..." if len(subfolders) > 6 else "")
+    hint = f"; it has subfolders ({listed}): give one of them" if subfolders else ""
+    raise InputError(folder, f"folder holds neither a DICOM series nor PNG/JPEG slices{hint}")
 
 
 def _natural_key(path: Path) -> list[object]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+    """'slice2' before 'slice10', whatever the case of the letters."""
+    return [int(part) if part.isdecimal() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def _read_file(path: Path) -> Volume:
     _check_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO(_image_io(path))
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(path, f"could not be read: the file is corrupt, truncated or not an image ({_reason(error)})") from None
+        problem = f"could not be read: the file is corrupt, truncated or not an image ({_reason(error)})"
+        raise InputError(path, problem) from None
     return Volume.from_sitk(_as_3d_scalar(path, image))
+
+
+def _image_io(path: Path) -> str:
+    """Name the ImageIO from the suffix ourselves: ITK matches suffixes case-sensitively ('.MHA' fails)."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "NiftiImageIO"
+    if name.endswith((".mha", ".mhd")):
+        return "MetaImageIO"
+    return "NrrdImageIO"
 
 
 def _reason(error: Exception) -> str:
@@ -154,20 +182,114 @@ def _reason(error: Exception) -> str:
 
 
 def _check_complete(path: Path) -> None:
-    """SimpleITK reads a truncated NIfTI without complaint (padding with garbage); nibabel does not."""
+    """Refuse truncated files before SimpleITK sees them.
+
+    SimpleITK/ITK pads a short NIfTI with garbage or fails with a misleading reason ('No such file or
+    directory' for a short MetaImage, after printing to stderr); counting the bytes first gives the
+    user the real problem and keeps the console clean.
+    """
     name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return
+    if name.endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
+    elif name.endswith((".mha", ".mhd")):
+        _check_metaimage_complete(path)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Count the voxel bytes, and the NaN/Inf voxels: ITK's NIfTI reader silently turns those into 0."""
     try:
-        image = nib.load(str(path))
-        if not name.endswith(".gz"):
-            np.asanyarray(image.dataobj[..., -1:])
-        else:
+        header = nib.load(str(path)).header
+        dtype = header.get_data_dtype()
+        offset = int(header["vox_offset"])
+        expected = offset + int(np.prod(header.get_data_shape())) * dtype.itemsize
+        if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as stream:
-                while stream.read(1 << 22):
-                    pass
+                available, nan, inf = _scan_voxels(stream, offset, expected, dtype)
+        elif dtype.kind in "fc":
+            with path.open("rb") as stream:
+                available, nan, inf = _scan_voxels(stream, offset, expected, dtype)
+        else:  # integers cannot hold NaN: the size is all there is to check
+            available, nan, inf = path.stat().st_size, 0, 0
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise InputError(path, f"could not be read: the file is corrupt or truncated ({error})") from None
+    if available < expected:
+        raise InputError(path, f"could not be read: the file is truncated ({available} of {expected} bytes)")
+    if nan or inf:
+        raise InputError(path, f"image contains non-finite values ({nan} NaN, {inf} Inf voxels)")
+
+
+def _scan_voxels(stream: BinaryIO, offset: int, end: int, dtype: np.dtype) -> tuple[int, int, int]:
+    """Bytes in the stream (read to its end, so gzip checks its CRC) and NaN/Inf among voxels [offset, end)."""
+    position, nan, inf, carry = 0, 0, 0, b""
+    floating = dtype.kind in "fc"
+    while chunk := stream.read(1 << 22):
+        start, stop = position, position + len(chunk)
+        position = stop
+        if not floating or stop <= offset or start >= end:
+            continue
+        data = carry + chunk[max(offset - start, 0) : min(end, stop) - start]
+        usable = len(data) - len(data) % dtype.itemsize
+        values, carry = np.frombuffer(data[:usable], dtype=dtype), data[usable:]
+        nan += int(np.isnan(values).sum())
+        inf += int(np.isinf(values).sum())
+    return position, nan, inf
+
+
+METAIMAGE_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _check_metaimage_complete(path: Path) -> None:
+    """Compare the bytes a MetaImage header promises with what its data (inline or .raw) holds."""
+    fields, data_offset = _metaimage_header(path)
+    missing = [key for key in ("NDims", "DimSize", "ElementType", "ElementDataFile") if key not in fields]
+    if missing:  # refuse here: MetaIO would print its parse errors to stderr
+        raise InputError(path, f"could not be read: not a MetaImage file (header lacks {', '.join(missing)})")
+    data_file = fields["ElementDataFile"]
+    if not data_file or data_file.startswith("LIST") or "%" in data_file:
+        return  # slice lists and file patterns: leave them to ITK
+    if data_file == "LOCAL":
+        available = path.stat().st_size - data_offset
+    else:
+        target = path.parent / data_file
+        if not target.is_file():
+            raise InputError(path, f"could not be read: its data file {data_file} is missing (expected at {target})")
+        header_size = int(fields.get("HeaderSize", "0") or 0)
+        available = target.stat().st_size - max(header_size, 0)
+    expected = _metaimage_data_bytes(fields)
+    if expected is not None and available < expected:
+        raise InputError(path, f"could not be read: the image data is truncated ({available} of {expected} bytes)")
+
+
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """The 'Key = Value' fields up to ElementDataFile (always the last), and where the data starts."""
+    fields: dict[str, str] = {}
+    offset = 0
+    with path.open("rb") as handle:
+        for raw in iter(lambda: handle.readline(4096), b""):
+            offset += len(raw)
+            key, sep, value = raw.decode("latin-1").partition("=")
+            if not sep:
+                break
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile" or offset > 1 << 20:
+                break
+    return fields, offset
+
+
+def _metaimage_data_bytes(fields: dict[str, str]) -> int | None:
+    """Bytes of stored data the header promises, or None when the header does not say."""
+    try:
+        if fields.get("CompressedData", "False").lower() == "true":
+            size = fields.get("CompressedDataSize")
+            return int(size) if size else None
+        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()]))
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        return voxels * channels * METAIMAGE_BYTES[fields["ElementType"].upper()]
+    except (KeyError, ValueError):
+        return None
 
 
 def _as_3d_scalar(path: Path, image: sitk.Image) -> sitk.Image:

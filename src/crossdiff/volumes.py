@@ -7,6 +7,8 @@ geometry beside the array is what lets every output land in its input's exact ph
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from crossdiff.atomic import atomic_path
 from crossdiff.errors import InputError
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
+NIFTI_HEADER_BYTES = 352  # NIfTI-1 header plus the 4-byte extension flag, before the voxels
 
 # Which fill value a voxel gets when it falls outside the image during resampling.
 BACKGROUND = {"CT": -1024.0, "MR": 0.0, "PET": 0.0}
@@ -127,13 +130,58 @@ class Volume:
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
-    """Write NIfTI or MHA/NRRD with the geometry preserved; atomically, so a failure leaves nothing."""
+    """Write NIfTI or MHA/NRRD with the geometry preserved; atomically, so a failure leaves nothing.
+
+    The data is written to a hidden sibling, checked to be complete, and only then moved over `path`;
+    an existing file at `path` survives any failure. Raises InputError naming `path` if it fails.
+    """
     path = Path(path)
-    if not path.name.lower().endswith(WRITABLE_SUFFIXES):
-        raise InputError(path, f"cannot write this format; use one of {', '.join(WRITABLE_SUFFIXES)}")
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=path.suffix in (".gz", ".mha", ".nrrd"))
+    suffix = _writable_suffix(path)
+    try:
+        with atomic_path(path) as tmp:
+            _write_staged(volume, tmp, suffix)
+    except (OSError, RuntimeError) as error:
+        raise InputError(path, f"could not be written ({_first_line(error)})") from None
     return path
+
+
+def _writable_suffix(path: Path) -> str:
+    """The format's canonical lower-case suffix: ITK picks its writer by suffix and knows no '.NII.GZ'."""
+    for suffix in WRITABLE_SUFFIXES:
+        if path.name.lower().endswith(suffix):
+            return suffix
+    raise InputError(path, f"cannot write this format; use one of {', '.join(WRITABLE_SUFFIXES)}")
+
+
+def _write_staged(volume: Volume, tmp: Path, suffix: str) -> None:
+    """Write to the temporary path and verify it: ITK's NIfTI writer reports a short write (full
+    disk, quota) only on stderr and returns normally, so the size is checked before the rename."""
+    sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=suffix in (".nii.gz", ".mha", ".nrrd"))
+    if suffix.startswith(".nii"):
+        _check_nifti_written(tmp, volume.array.nbytes)
+
+
+def _check_nifti_written(path: Path, data_bytes: int) -> None:
+    if path.name.endswith(".gz"):
+        written = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 22):
+                    written += len(chunk)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+            raise OSError(f"the compressed stream is incomplete: {error}") from None
+    else:
+        written = path.stat().st_size
+    if written < NIFTI_HEADER_BYTES + data_bytes:
+        raise OSError(f"only {written} of {NIFTI_HEADER_BYTES + data_bytes} bytes were written; is the disk full?")
+
+
+def _first_line(error: Exception) -> str:
+    """The telling line of an error: ITK puts its reason last, Python's OSError has one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "sitk::ERROR" not in line]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if isinstance(error, RuntimeError) else lines[0]
 
 
 def resample_to(
@@ -152,6 +200,8 @@ def resample_to(
     grid = reference.geometry if isinstance(reference, Volume) else reference
     if interpolation not in INTERPOLATORS:
         raise ValueError(f"unknown interpolation {interpolation!r}; choose from {sorted(INTERPOLATORS)}")
+    if transform is None and grid == volume.geometry:
+        return _same_grid_copy(volume, interpolation)
     fill = volume.background if default_value is None else default_value
     reference_image = grid.apply_to(sitk.Image(list(grid.size), sitk.sitkUInt8))
     moving = volume.to_sitk()
@@ -166,6 +216,14 @@ def resample_to(
         moving.GetPixelID(),
     )
     return Volume.from_sitk(resampled, volume.modality, volume.units, volume.path)
+
+
+def _same_grid_copy(volume: Volume, interpolation: str) -> Volume:
+    """Onto its own grid a volume is itself; interpolating would only add rounding noise and time."""
+    array = volume.array
+    if interpolation != "nearest" and array.dtype != np.float32:
+        array = array.astype(np.float32)
+    return volume.with_array(array.copy())
 
 
 def coverage(volume: Volume, reference: Geometry | Volume, transform: sitk.Transform | None = None) -> np.ndarray:

@@ -1,13 +1,40 @@
-"""A case made ready for learning: every modality on one grid, scaled to [-1, 1], with a mask of where voxels count."""
+"""A case made ready for learning: every modality on one grid, scaled to [-1, 1], with a mask of where voxels count.
+
+Preparing a case reads its files, resamples (optionally registers) every modality onto the reference
+modality's grid through physical space, builds the body mask, and fits the intensity scalings. That
+costs seconds per case (registration dominates), so prepared cases are cached on disk keyed by the
+files and the settings: training epochs and repeated runs never redo it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from crossdiff.intensity import IntensityScaling
-from crossdiff.volumes import Geometry
+from crossdiff.atomic import atomic_path, write_json
+from crossdiff.data.manifest import CaseEntry
+from crossdiff.errors import InputError
+from crossdiff.intensity import IntensityScaling, fit_scaling
+from crossdiff.masks import body_mask
+from crossdiff.readers import read_mask, read_volume
+from crossdiff.registration import register
+from crossdiff.volumes import Geometry, Volume, coverage, resample_to
+
+CACHE_VERSION = 1
+FAMILY_OF_KEY = {"ct": "CT", "sct": "CT", "cbct": "CT", "pet": "PET", "pt": "PET"}
+MR_KEYS = ("mr", "t1", "t1c", "t1n", "t2", "flair", "pd")
+
+
+def family_of(key: str) -> str | None:
+    """Modality family ('CT', 'MR', 'PET') of a manifest key; None lets the reader guess (e.g. pix2pix 'a')."""
+    if key in FAMILY_OF_KEY:
+        return FAMILY_OF_KEY[key]
+    return "MR" if key.startswith(MR_KEYS) else None
 
 
 @dataclass
@@ -25,3 +52,162 @@ class PreparedCase:
     mask: np.ndarray
     geometry: Geometry
     scalings: dict[str, IntensityScaling] = field(default_factory=dict)
+
+    def physical(self, key: str) -> Volume:
+        """The image `key` back in physical units (HU, SUV, ...), on the case grid."""
+        scaling = self.scalings[key]
+        return Volume(scaling.invert(self.images[key]), self.geometry, family_of(key), scaling.units)
+
+
+@dataclass
+class PreparationConfig:
+    """How cases become PreparedCase objects; saved beside models so inference repeats it exactly.
+
+    `reference`: the modality whose grid everything is resampled onto (the target, e.g. 'ct', so
+    metrics are computed on the original reference voxels). `registration`: 'none', 'rigid',
+    'affine' or 'bspline' (moving = every other modality). `scaling`: per-modality method overrides
+    (see crossdiff.intensity.fit_scaling); windows/percentiles apply to the methods that use them.
+    """
+
+    modalities: list[str]
+    reference: str | None = None
+    registration: str = "none"
+    scaling: dict[str, str] = field(default_factory=dict)
+    ct_window: tuple[float, float] = (-1024.0, 3000.0)
+    suv_window: tuple[float, float] = (0.0, 20.0)
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> PreparationConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for name in ("ct_window", "suv_window", "mr_percentiles"):
+            if name in known:
+                known[name] = tuple(known[name])  # type: ignore[arg-type]
+        return cls(**known)  # type: ignore[arg-type]
+
+
+def prepare_case(
+    case_id: str,
+    entry: CaseEntry,
+    config: PreparationConfig,
+    cache_dir: Path | None = None,
+) -> PreparedCase:
+    """Read, align, mask and scale the configured modalities of one case (from the cache when possible)."""
+    keys = [key for key in config.modalities if key in entry.images]
+    if not keys:
+        raise InputError(None, f"case {case_id} has none of the modalities {', '.join(config.modalities)}")
+    cache_file = cache_dir / f"{case_id}-{_cache_key(entry, keys, config)}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        return _load_cached(cache_file, case_id)
+    case = _prepare_uncached(case_id, entry, keys, config)
+    if cache_file is not None:
+        _save_cached(case, cache_file)
+    return case
+
+
+def prepare_cases(
+    cases: Iterable[tuple[str, CaseEntry]],
+    config: PreparationConfig,
+    cache_dir: Path | None = None,
+    on_case: Callable[[str], None] | None = None,
+) -> list[PreparedCase]:
+    """Prepare several cases; `on_case` is called after each (for a progress bar)."""
+    prepared = []
+    for case_id, entry in cases:
+        prepared.append(prepare_case(case_id, entry, config, cache_dir))
+        if on_case is not None:
+            on_case(case_id)
+    return prepared
+
+
+def check_case(case_id: str, entry: CaseEntry, reference: str | None = None) -> list[str]:
+    """Read every image, mask and label map of a case; masks must lie on their image's grid.
+
+    The body mask belongs to the reference modality (default 'ct' when present, else the first);
+    a label map keyed by a modality belongs to that modality. Returns the modality keys read.
+    """
+    volumes = {key: read_volume(path, modality=family_of(key)) for key, path in entry.images.items()}
+    if not volumes:
+        raise InputError(None, f"case {case_id} lists no images")
+    reference_key = reference if reference in volumes else ("ct" if "ct" in volumes else next(iter(volumes)))
+    if entry.mask:
+        read_mask(entry.mask, volumes[reference_key])
+    for key, label in entry.labels.items():
+        read_mask(label, volumes.get(key, volumes[reference_key]))
+    return list(volumes)
+
+
+def _prepare_uncached(case_id: str, entry: CaseEntry, keys: list[str], config: PreparationConfig) -> PreparedCase:
+    volumes = {key: read_volume(entry.images[key], modality=family_of(key)) for key in keys}
+    reference_key = config.reference if config.reference in volumes else keys[0]
+    reference = volumes[reference_key]
+    mask = read_mask(entry.mask, reference).array.astype(bool) if entry.mask else body_mask(reference).array.astype(bool)
+    aligned = {reference_key: reference}
+    for key, volume in volumes.items():
+        if key == reference_key:
+            continue
+        aligned[key], field_of_view = _align(volume, reference, config)
+        mask &= field_of_view
+    if not mask.any():
+        raise InputError(entry.images[reference_key], f"case {case_id}: the modalities do not overlap inside the body")
+    scalings = {key: _fit(key, volume, mask, config) for key, volume in aligned.items()}
+    images = {key: scalings[key].apply(volume.array) for key, volume in aligned.items()}
+    return PreparedCase(case_id, images, mask, reference.geometry, scalings)
+
+
+def _align(volume: Volume, reference: Volume, config: PreparationConfig) -> tuple[Volume, np.ndarray]:
+    """Bring `volume` onto the reference grid; return it with the region it actually covers."""
+    if config.registration == "none":
+        return resample_to(volume, reference), coverage(volume, reference)
+    result = register(reference, volume, transform=config.registration, seed=config.seed)
+    return result.volume, coverage(volume, reference, result.transform)
+
+
+def _fit(key: str, volume: Volume, mask: np.ndarray, config: PreparationConfig) -> IntensityScaling:
+    method = config.scaling.get(key)
+    window = {"ct-window": config.ct_window, "suv": config.suv_window}.get(method or _default_method(volume))
+    return fit_scaling(volume, mask, method, window=window, percentiles=config.mr_percentiles)
+
+
+def _default_method(volume: Volume) -> str:
+    return {"CT": "ct-window", "PET": "suv"}.get(volume.modality or "", "percentile")
+
+
+def _cache_key(entry: CaseEntry, keys: list[str], config: PreparationConfig) -> str:
+    """Changes when any input file, the mask or a setting changes."""
+    files = [entry.images[key] for key in keys] + ([entry.mask] if entry.mask else [])
+    stamp = [(str(Path(f).resolve()), *_file_stamp(Path(f))) for f in files]
+    payload = json.dumps([CACHE_VERSION, keys, stamp, config.to_dict()], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """Size and mtime; a DICOM folder is stamped by its files."""
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    stats = [f.stat() for f in files if f.is_file()]
+    return sum(s.st_size for s in stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
+def _save_cached(case: PreparedCase, path: Path) -> None:
+    """Metadata first, arrays last: the .npz existing is what marks a complete cache entry."""
+    write_json(
+        path.with_suffix(".json"),
+        {"geometry": asdict(case.geometry), "scalings": {k: s.to_dict() for k, s in case.scalings.items()}},
+    )
+    with atomic_path(path) as tmp:
+        with tmp.open("wb") as handle:
+            np.savez_compressed(handle, mask=case.mask, **{f"image_{k}": v for k, v in case.images.items()})
+
+
+def _load_cached(path: Path, case_id: str) -> PreparedCase:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    with np.load(path) as arrays:
+        images = {name.removeprefix("image_"): arrays[name] for name in arrays.files if name.startswith("image_")}
+        mask = arrays["mask"]
+    geometry = Geometry(**{k: tuple(v) for k, v in meta["geometry"].items()})  # type: ignore[arg-type]
+    scalings = {k: IntensityScaling.from_dict(v) for k, v in meta["scalings"].items()}
+    return PreparedCase(case_id, images, mask, geometry, scalings)

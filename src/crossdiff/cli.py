@@ -1,0 +1,297 @@
+"""The `crossdiff` command: one sub-command per job, each a thin layer over the Python API.
+
+User errors (CrossdiffError) become one red line on stderr and exit code 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from crossdiff import __version__
+from crossdiff.atomic import atomic_path
+from crossdiff.errors import CrossdiffError
+from crossdiff.methods import available_methods, get_method
+
+app = typer.Typer(
+    name="crossdiff",
+    help="Translate one medical imaging modality into another (MR->CT, MR contrasts, PET->CT/MR).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+InputPath = Annotated[Path, typer.Argument(help="Image file (NIfTI, MHA, NRRD, PNG) or folder (DICOM series, PNG slices).")]
+
+
+def main() -> None:
+    """Console-script entry point: user errors print one clear line and exit 1."""
+    try:
+        app()
+    except CrossdiffError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: float | None = None) -> Iterator[tuple[Progress, int]]:
+    """A rich progress bar on stderr, so stdout stays clean for tables and paths."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        yield bar, bar.add_task(description, total=total)
+
+
+@app.command()
+def info(
+    path: InputPath,
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a DICOM folder holds several series.")] = None,
+) -> None:
+    """Show shape, spacing, orientation, intensity range and a modality guess."""
+    from crossdiff.readers import read_volume
+
+    volume = read_volume(path, series_uid=series)
+    geometry = volume.geometry
+    array = volume.array
+    table = Table(title=str(path), show_header=False)
+    rows = {
+        "size (x, y, z)": " x ".join(map(str, geometry.size)),
+        "spacing (mm)": ", ".join(f"{s:.4g}" for s in geometry.spacing),
+        "origin (mm, LPS)": ", ".join(f"{o:.4g}" for o in geometry.origin),
+        "orientation": geometry.orientation,
+        "data type": str(array.dtype),
+        "intensity min / max": f"{array.min():.6g} / {array.max():.6g}",
+        "percentiles 1 / 50 / 99": " / ".join(f"{v:.6g}" for v in np.percentile(array, [1, 50, 99])),
+        "modality (guess)": f"{volume.modality or 'unknown'} ({volume.units or 'units unknown'})",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    out_console.print(table)
+
+
+@app.command()
+def prepare(
+    root: Annotated[Path, typer.Argument(help="Dataset folder (SynthRAD, pix2pix A/B, BraTS, or <case>/<MODALITY>/nifti|dicom).")],
+    out: Annotated[Path, typer.Option(help="Manifest to write (.json or .csv).")] = Path("manifest.json"),
+    layout: Annotated[Optional[str], typer.Option(help="Force a layout instead of detecting it.")] = None,
+    prefer: Annotated[str, typer.Option(help="nifti or dicom, where a case has both.")] = "nifti",
+    val: Annotated[float, typer.Option(help="Fraction of cases for validation.")] = 0.0,
+    test: Annotated[float, typer.Option(help="Fraction of cases held out for testing.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the case split.")] = 0,
+    name: Annotated[Optional[list[str]], typer.Option(help="Rename a modality key, e.g. --name a=mr --name b=ct.")] = None,
+) -> None:
+    """Recognise a dataset's layout and write its manifest (cases, modalities, masks, split by case)."""
+    from crossdiff.data.layouts import prepare_manifest
+
+    names = dict(_key_value(item) for item in name or [])
+    manifest = prepare_manifest(root, out, layout=layout, prefer=prefer, val=val, test=test, seed=seed, names=names)
+    table = Table(title=f"{out}: {len(manifest.cases)} cases")
+    table.add_column("split")
+    table.add_column("cases", justify="right")
+    for split in ("train", "val", "test"):
+        table.add_row(split, str(len(manifest.split_cases(split))))
+    out_console.print(table)
+    out_console.print(f"modalities: {', '.join(manifest.modalities())}")
+
+
+@app.command()
+def check(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (.json or .csv) to check.")],
+    reference: Annotated[Optional[str], typer.Option(help="Modality whose grid body masks must match (default: ct, else the first).")] = None,
+) -> None:
+    """Check a manifest before training: every file exists and reads, every mask matches its image."""
+    from crossdiff.data.cases import check_case
+    from crossdiff.data.manifest import load_manifest
+
+    loaded = load_manifest(manifest)
+    with progress("checking cases", total=len(loaded.cases)) as (bar, task):
+        for case_id, entry in loaded.cases.items():
+            bar.update(task, description=f"checking {case_id}")
+            check_case(case_id, entry, reference)
+            bar.advance(task)
+    out_console.print(f"{manifest}: {len(loaded.cases)} cases, modalities {', '.join(loaded.modalities())}: all files read, masks match")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise CrossdiffError(f"--name expects OLD=NEW, got {text!r}")
+    old, new = text.split("=", 1)
+    return old.strip().lower(), new.strip().lower()
+
+
+@app.command(name="register")
+def register_command(
+    fixed: Annotated[Path, typer.Option(help="Image whose grid the result is on (e.g. the CT).")],
+    moving: Annotated[Path, typer.Option(help="Image to move (e.g. the MR).")],
+    out: Annotated[Path, typer.Option(help="Moving image resampled onto the fixed grid.")],
+    transform: Annotated[str, typer.Option(help="rigid, affine or bspline.")] = "rigid",
+    save_transform: Annotated[Optional[Path], typer.Option(help="Also write the transform (.tfm).")] = None,
+    iterations: Annotated[int, typer.Option(help="Optimiser iterations per resolution level.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the metric's random sampling.")] = 0,
+) -> None:
+    """Register MOVING to FIXED with Mattes mutual information and resample it onto FIXED's grid."""
+    from crossdiff.readers import read_volume
+    from crossdiff.registration import normalized_mutual_information, register
+    from crossdiff.volumes import coverage, resample_to, write_volume
+
+    fixed_volume, moving_volume = read_volume(fixed), read_volume(moving)
+    with progress(f"registering ({transform})", total=None) as (bar, task):
+        result = register(
+            fixed_volume, moving_volume, transform=transform, seed=seed, iterations=iterations,
+            progress=lambda step, value: bar.update(task, completed=step, description=f"registering ({transform}) metric {value:.4f}"),
+        )
+    before = resample_to(moving_volume, fixed_volume)
+    overlap = coverage(moving_volume, fixed_volume) & coverage(moving_volume, fixed_volume, result.transform)
+    nmi_before = normalized_mutual_information(fixed_volume.array, before.array, overlap)
+    nmi_after = normalized_mutual_information(fixed_volume.array, result.volume.array, overlap)
+    write_volume(result.volume, out)
+    if save_transform is not None:
+        with atomic_path(save_transform) as tmp:
+            sitk.WriteTransform(result.transform, str(tmp))
+    out_console.print(f"normalised mutual information: {nmi_before:.4f} before, {nmi_after:.4f} after ({transform})")
+    out_console.print(f"wrote {out}")
+
+
+@app.command()
+def mask(
+    path: InputPath,
+    out: Annotated[Path, typer.Option(help="Mask to write (NIfTI or MHA).")],
+    modality: Annotated[Optional[str], typer.Option(help="CT, MR or PET when the guess is wrong.")] = None,
+) -> None:
+    """Compute an automatic body (foreground) mask; training and metrics reuse it."""
+    from crossdiff.masks import body_mask
+    from crossdiff.readers import read_volume
+    from crossdiff.volumes import write_volume
+
+    volume = read_volume(path, modality=modality.upper() if modality else None)
+    result = body_mask(volume)
+    write_volume(result, out)
+    out_console.print(f"wrote {out}: {int(result.array.sum())} foreground voxels ({100 * result.array.mean():.1f}%)")
+
+
+@app.command()
+def resample(
+    path: InputPath,
+    reference: Annotated[Path, typer.Option(help="Image whose grid to resample onto.")],
+    out: Annotated[Path, typer.Option(help="Where to write the result.")],
+    interpolation: Annotated[str, typer.Option(help="linear, bspline, or nearest (for masks and labels).")] = "linear",
+) -> None:
+    """Resample an image onto another image's grid through physical space (no registration)."""
+    from crossdiff.readers import read_mask, read_volume
+    from crossdiff.volumes import resample_to, write_volume
+
+    moving = read_mask(path) if interpolation == "nearest" else read_volume(path)
+    write_volume(resample_to(moving, read_volume(reference), interpolation), out)
+    out_console.print(f"wrote {out}")
+
+
+@app.command()
+def methods() -> None:
+    """List the translation methods this installation knows."""
+    names = available_methods()
+    if not names:
+        out_console.print("No translation method is available in this version yet.")
+        return
+    table = Table(title="methods")
+    table.add_column("name")
+    table.add_column("description")
+    for method_name, description in names.items():
+        table.add_row(method_name, description)
+    out_console.print(table)
+
+
+def _not_available(command: str) -> None:
+    raise CrossdiffError(
+        f"`crossdiff {command}` needs a translation method, and crossdiff {__version__} has none yet "
+        "(`crossdiff methods` lists them)"
+    )
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option(help="Method name from `crossdiff methods`.")],
+    manifest: Annotated[Path, typer.Option(help="Dataset manifest from `crossdiff prepare`.")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML config.")] = None,
+) -> None:
+    """Train a translation method (available once methods are registered)."""
+    get_method(method)
+    _not_available("train")
+
+
+@app.command()
+def translate(
+    model: Annotated[Path, typer.Option(help="Trained checkpoint.")],
+    input: Annotated[Path, typer.Option(help="Source image (file or DICOM folder).")],
+    output: Annotated[Path, typer.Option(help="Translated image to write.")],
+) -> None:
+    """Translate a volume with a trained model (available once methods are registered)."""
+    _not_available("translate")
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option(help="Synthetic image, folder or manifest.")],
+    ref: Annotated[Path, typer.Option(help="Reference image, folder or manifest.")],
+) -> None:
+    """Compare synthetic and real images (available with the evaluation module)."""
+    _not_available("evaluate")
+
+
+@app.command()
+def benchmark(config: Annotated[Path, typer.Option(help="Benchmark YAML.")]) -> None:
+    """Train and compare several methods (available once methods are registered)."""
+    _not_available("benchmark")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the results (replaced as a whole on success).")] = Path("crossdiff-demo"),
+    registration: Annotated[str, typer.Option(help="none, rigid, affine or bspline (MR onto CT).")] = "rigid",
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+) -> None:
+    """Run the built-in default on the bundled sarcoma patient: read, pair, register, normalise, preview."""
+    from crossdiff.demo import run_demo
+
+    with progress("demo: reading, registering and normalising STS_003") as (bar, task):
+        result = run_demo(out, registration=registration, seed=seed)
+    out_console.print(
+        f"MR-CT normalised mutual information: {result.nmi_before:.4f} resampled only, "
+        f"{result.nmi_after:.4f} after {registration} registration ({result.seconds:.1f} s)"
+    )
+    for file in result.files:
+        out_console.print(f"  {out / file}")
+    out_console.print(f"[bold]demo output written to {out.resolve()}[/]")
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    context: typer.Context,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out_console.print(f"crossdiff {__version__}")
+        raise typer.Exit()
+    if context.invoked_subcommand is None:
+        out_console.print(context.get_help())
+        raise typer.Exit()

@@ -1,0 +1,335 @@
+"""Dataset manifests: which files form each case, and which split each case belongs to.
+
+The manifest is the one place where "what is the data" is written down, so training, evaluation and
+reports all see the same cases and the same splits. Paths below the manifest's folder are stored
+relative to it, so a dataset moved together with its manifest stays valid. Modality keys are
+lowercase canonical names (ct, mr, pet, cbct, t1, t1c, t2, flair, pd; a/b for unnamed pix2pix sides).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossdiff.atomic import write_json, write_text
+from crossdiff.errors import CrossdiffError, InputError
+
+SPLITS = ("train", "val", "test")
+MANIFEST_FORMAT = "crossdiff-manifest"
+MANIFEST_VERSION = 1
+LABEL_PREFIX = "label:"
+CASE_FIELDS = ("split", "images", "mask", "labels")
+MODALITY_KEY = re.compile(r"[a-z][a-z0-9_]*\Z")
+
+
+@dataclass
+class CaseEntry:
+    """The files of one subject. `labels` are label maps (e.g. tumour masks) keyed by the image
+    whose grid they share; `mask` is a body mask on the reference image's grid (as SynthRAD ships it)."""
+
+    images: dict[str, Path]
+    mask: Path | None = None
+    labels: dict[str, Path] = field(default_factory=dict)
+    split: str = "train"
+
+    def files(self) -> Iterator[tuple[str, Path]]:
+        """Every file with the field it comes from, so checks can name both."""
+        yield from ((f"images.{key}", path) for key, path in self.images.items())
+        if self.mask is not None:
+            yield "mask", self.mask
+        yield from ((f"labels.{key}", path) for key, path in self.labels.items())
+
+
+@dataclass
+class Manifest:
+    """Cases by id, in a stable order; unpaired datasets hold single-modality cases."""
+
+    cases: dict[str, CaseEntry] = field(default_factory=dict)
+
+    def modalities(self) -> list[str]:
+        return sorted({key for case in self.cases.values() for key in case.images})
+
+    def cases_with(self, *modalities: str) -> list[str]:
+        return [cid for cid, case in self.cases.items() if all(m in case.images for m in modalities)]
+
+    def split_cases(self, split: str) -> list[str]:
+        _check_split_name(split)
+        return [cid for cid, case in self.cases.items() if case.split == split]
+
+    def is_paired(self, source: str, target: str) -> bool:
+        """True when every case holding `source` or `target` holds both (and there is one);
+        a partly paired dataset answers False: use `cases_with(source, target)` for its pairs."""
+        either = [c for c in self.cases.values() if source in c.images or target in c.images]
+        return bool(either) and all(source in c.images and target in c.images for c in either)
+
+
+def _check_split_name(split: str) -> None:
+    if split not in SPLITS:
+        raise CrossdiffError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------- saving
+
+
+def save_manifest(manifest: Manifest, path: str | Path) -> None:
+    """Write JSON, or CSV when `path` ends in .csv, atomically; refuses what load_manifest would."""
+    path = Path(path)
+    folder = absolute_path(path).parent
+    document = _to_json(manifest, folder)
+    _parse_cases(path, document["cases"], folder)
+    if _is_csv(path):
+        write_text(path, _to_csv(manifest, folder))
+    else:
+        write_json(path, document)
+
+
+def _is_csv(path: Path) -> bool:
+    return path.name.lower().endswith(".csv")
+
+
+def absolute_path(path: str | Path) -> Path:
+    """Absolute and normalised, without resolving symlinks (a symlinked dataset keeps its names)."""
+    return Path(os.path.normpath(os.path.abspath(Path(path).expanduser())))
+
+
+def _stored(path: Path, folder: Path) -> str:
+    path = absolute_path(path)
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
+
+
+def _to_json(manifest: Manifest, folder: Path) -> dict[str, Any]:
+    def entry(case: CaseEntry) -> dict[str, Any]:
+        return {
+            "split": case.split,
+            "images": {key: _stored(p, folder) for key, p in case.images.items()},
+            "mask": None if case.mask is None else _stored(case.mask, folder),
+            "labels": {key: _stored(p, folder) for key, p in case.labels.items()},
+        }
+
+    cases = {cid: entry(case) for cid, case in manifest.cases.items()}
+    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "cases": cases}
+
+
+def _to_csv(manifest: Manifest, folder: Path) -> str:
+    label_keys = sorted({key for case in manifest.cases.values() for key in case.labels})
+    modalities = manifest.modalities()
+    stream = io.StringIO()
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["case", "split", "mask", *modalities, *(LABEL_PREFIX + k for k in label_keys)])
+    for cid, case in manifest.cases.items():
+        images = [_cell(case.images.get(key), folder) for key in modalities]
+        labels = [_cell(case.labels.get(key), folder) for key in label_keys]
+        writer.writerow([cid, case.split, _cell(case.mask, folder), *images, *labels])
+    return stream.getvalue()
+
+
+def _cell(path: Path | None, folder: Path) -> str:
+    return "" if path is None else _stored(path, folder)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
+    """Read a JSON or CSV manifest; relative paths are taken from the manifest's folder.
+
+    Refuses malformed structure with the case and field at fault and, with `check_files`, lists
+    every missing file in one error, so a moved or half-copied dataset is fixed in one go.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "manifest not found (make one with `crossdiff prepare DATA_DIR --out FILE`)")
+    records = _read_csv(path) if _is_csv(path) else _read_json(path)
+    manifest = Manifest(_parse_cases(path, records, absolute_path(path).parent))
+    if check_files:
+        _check_files_exist(path, manifest)
+    return manifest
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"manifest is not valid JSON ({error})") from None
+    except ValueError as error:
+        raise InputError(path, f"manifest is malformed: {error}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("cases"), dict):
+        raise InputError(path, 'manifest must be a JSON object with "cases": {case id: {...}}')
+    if document.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
+        raise InputError(path, f"not a crossdiff manifest (format {document['format']!r})")
+    if document.get("version", MANIFEST_VERSION) != MANIFEST_VERSION:
+        raise InputError(
+            path, f"manifest version {document['version']!r} is not supported (expected {MANIFEST_VERSION})"
+        )
+    return document["cases"]
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal keys; a case listed twice is a mistake to report."""
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"key {duplicates[0]!r} appears more than once")
+    return dict(pairs)
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, Any]]:
+    """Turn CSV rows into the same records as the JSON form, so one validator serves both."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(path, f"manifest is not a readable CSV ({error})") from None
+    columns = list(rows[0]) if rows else []
+    for required in ("case", "split"):
+        if required not in columns:
+            columns_help = "case, split, mask, <modality>..., label:<modality>..."
+            raise InputError(path, f"CSV manifest has no '{required}' column (columns: {columns_help})")
+    records: dict[str, dict[str, Any]] = {}
+    for line, row in enumerate(rows, start=2):
+        cid = (row.get("case") or "").strip()
+        if not cid or cid in records:
+            problem = "has no case id" if not cid else f"repeats case {cid!r}"
+            raise InputError(path, f"line {line} {problem}")
+        records[cid] = _csv_record(row)
+    return records
+
+
+def _csv_record(row: dict[str, str | None]) -> dict[str, Any]:
+    cells = {column: (value or "").strip() for column, value in row.items() if column is not None}
+    images = {
+        c: v for c, v in cells.items() if v and c not in ("case", "split", "mask") and not c.startswith(LABEL_PREFIX)
+    }
+    labels = {c[len(LABEL_PREFIX) :]: v for c, v in cells.items() if v and c.startswith(LABEL_PREFIX)}
+    return {"split": cells["split"], "images": images, "mask": cells.get("mask") or None, "labels": labels}
+
+
+def _parse_cases(path: Path, records: dict[str, Any], folder: Path) -> dict[str, CaseEntry]:
+    if not records:
+        raise InputError(path, "manifest lists no cases")
+    return {cid: _parse_case(path, cid, record, folder) for cid, record in records.items()}
+
+
+def _parse_case(path: Path, cid: str, record: Any, folder: Path) -> CaseEntry:
+    where = f"case {cid!r}"
+    if not isinstance(record, dict):
+        raise InputError(path, f"{where}: expected an object with 'split' and 'images', got {type(record).__name__}")
+    unknown = sorted(set(record) - set(CASE_FIELDS))
+    if unknown:
+        raise InputError(path, f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(CASE_FIELDS)}")
+    if "images" not in record:
+        raise InputError(path, f"{where}: missing 'images' (a mapping from modality to file)")
+    split = record.get("split")
+    if split not in SPLITS:
+        found = "missing 'split'" if split is None else f"split {split!r} is unknown"
+        raise InputError(path, f"{where}: {found}; use one of {', '.join(SPLITS)}")
+    images = _parse_paths(path, f"{where} images", record["images"], folder)
+    if not images:
+        raise InputError(path, f"{where}: 'images' is empty; a case needs at least one image")
+    mask = record.get("mask")
+    if mask is not None and not (isinstance(mask, str) and mask):
+        raise InputError(path, f"{where}: 'mask' must be a file path or null, got {mask!r}")
+    labels = _parse_paths(path, f"{where} labels", record.get("labels", {}), folder)
+    return CaseEntry(images, None if mask is None else _resolve(mask, folder), labels, split)
+
+
+def _parse_paths(path: Path, where: str, mapping: Any, folder: Path) -> dict[str, Path]:
+    if not isinstance(mapping, dict):
+        raise InputError(path, f"{where}: expected a mapping from modality to file, got {type(mapping).__name__}")
+    for key, value in mapping.items():
+        if not MODALITY_KEY.match(key):
+            raise InputError(path, f"{where}: key {key!r} must be lowercase letters, digits or '_' (e.g. ct, mr, t1c)")
+        if not isinstance(value, str) or not value:
+            raise InputError(path, f"{where}.{key}: expected a file path, got {value!r}")
+    return {key: _resolve(value, folder) for key, value in mapping.items()}
+
+
+def _resolve(text: str, folder: Path) -> Path:
+    path = Path(text).expanduser()
+    return absolute_path(path if path.is_absolute() else folder / path)
+
+
+def _check_files_exist(path: Path, manifest: Manifest) -> None:
+    missing = [
+        f"case {cid!r} {name}: {file}"
+        for cid, case in manifest.cases.items()
+        for name, file in case.files()
+        if not file.exists()
+    ]
+    if missing:
+        raise InputError(
+            path,
+            f"{len(missing)} file(s) listed in the manifest do not exist (relative paths are taken from "
+            f"{absolute_path(path).parent}):\n  " + "\n  ".join(missing),
+        )
+
+
+# ---------------------------------------------------------------------------------------- splits
+
+
+def assign_splits(
+    case_ids: Iterable[str],
+    val: float,
+    test: float,
+    seed: int,
+    fixed: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Split by case (never by slice, so no subject leaks across splits), reproducibly.
+
+    Each case gets a rank from a hash of (seed, case id), so the result does not depend on input
+    order, and adding a case moves at most one other. Counts are rounded half up, a fraction above zero gets at
+    least one case, and at least one case always stays in training. `fixed` pins cases to a split
+    and counts towards the fractions.
+    """
+    ids = list(case_ids)
+    fixed = dict(fixed or {})
+    _check_split_request(ids, val, test, fixed)
+    taken = Counter(fixed.values())
+    n_test = max(_split_count(test, len(ids)) - taken["test"], 0)
+    n_val = max(_split_count(val, len(ids)) - taken["val"], 0)
+    free = sorted((cid for cid in ids if cid not in fixed), key=lambda cid: _rank(seed, cid))
+    if not any(s == "train" for s in fixed.values()):
+        n_test, n_val = _keep_one_for_training(len(free), n_test, n_val)
+    drawn = {cid: "test" for cid in free[:n_test]} | {cid: "val" for cid in free[n_test : n_test + n_val]}
+    splits = {cid: fixed.get(cid) or drawn.get(cid, "train") for cid in sorted(ids)}
+    if "train" not in splits.values():
+        raise CrossdiffError("the fixed splits leave no case for training")
+    return splits
+
+
+def _check_split_request(ids: list[str], val: float, test: float, fixed: dict[str, str]) -> None:
+    if not ids:
+        raise CrossdiffError("no cases to split")
+    if len(set(ids)) != len(ids):
+        raise CrossdiffError("case ids must be unique to be split by case")
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise CrossdiffError(f"split fractions must be in [0, 1) with val + test < 1 (got val={val}, test={test})")
+    unknown = sorted(set(fixed) - set(ids))
+    if unknown:
+        raise CrossdiffError(f"fixed splits name unknown case(s): {', '.join(unknown)}")
+    for split in fixed.values():
+        _check_split_name(split)
+
+
+def _split_count(fraction: float, n: int) -> int:
+    return max(1, math.floor(fraction * n + 0.5)) if fraction > 0 else 0
+
+
+def _keep_one_for_training(n_free: int, n_test: int, n_val: int) -> tuple[int, int]:
+    """Shrink val first, then test, until one free case is left for training."""
+    excess = max(0, n_test + n_val - (n_free - 1))
+    cut_val = min(excess, n_val)
+    return max(0, n_test - (excess - cut_val)), n_val - cut_val
+
+
+def _rank(seed: int, cid: str) -> str:
+    return hashlib.sha256(f"{seed}\0{cid}".encode()).hexdigest()
