@@ -5,7 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import SAMPLE, SHARED_DATA, require_shared
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny networks, which gain nothing from a second thread; and while another process holds
+    the other core, two OpenMP threads stall at every convolution (measured: 1 s per tiny-UNet call
+    instead of 10 ms). Subprocesses (torchrun, the CLI) choose their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

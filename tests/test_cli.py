@@ -130,23 +130,14 @@ def test_check_reads_every_case_of_a_real_manifest(tmp_path, shared_data):
     assert "3 cases" in " ".join(checked.stdout.split())
 
 
+def register_sample(sample_dir: Path, out: Path, *options: object):
+    """`crossdiff register` of the bundled MR onto the bundled CT."""
+    return crossdiff("register", "--fixed", sample_dir / "ct.nii.gz", "--moving", sample_dir / "mr.nii.gz", "--out", out, *options)
+
+
 def test_register_writes_the_moving_image_on_the_fixed_grid(tmp_path, sample_dir):
     out = tmp_path / "mr_on_ct.nii.gz"
-    result = crossdiff(
-        "register",
-        "--fixed",
-        sample_dir / "ct.nii.gz",
-        "--moving",
-        sample_dir / "mr.nii.gz",
-        "--out",
-        out,
-        "--transform",
-        "rigid",
-        "--iterations",
-        "30",
-        "--save-transform",
-        tmp_path / "mr_to_ct.tfm",
-    )
+    result = register_sample(sample_dir, out, "--iterations", "30", "--save-transform", tmp_path / "mr_to_ct.tfm")
     assert result.returncode == 0, result.stderr
     assert read_volume(out).geometry.matches(read_volume(sample_dir / "ct.nii.gz").geometry)
     assert (tmp_path / "mr_to_ct.tfm").is_file()
@@ -154,22 +145,18 @@ def test_register_writes_the_moving_image_on_the_fixed_grid(tmp_path, sample_dir
 
 
 def test_unknown_registration_transform_is_a_clear_error(tmp_path, sample_dir):
-    result = crossdiff(
-        "register",
-        "--fixed",
-        sample_dir / "ct.nii.gz",
-        "--moving",
-        sample_dir / "mr.nii.gz",
-        "--out",
-        tmp_path / "x.nii.gz",
-        "--transform",
-        "elastic",
-    )
+    result = register_sample(sample_dir, tmp_path / "x.nii.gz", "--transform", "elastic")
     assert_clear_failure(result, "elastic")
     assert not (tmp_path / "x.nii.gz").exists()
 
 
-def test_methods_and_unknown_method():
+def test_methods_lists_the_registered_methods_and_refuses_unknown_ones(tmp_path, sample_dir):
     listed = crossdiff("methods")
     assert listed.returncode == 0
-    assert_clear_failure(crossdiff("train", "--method", "no-such-method", "--manifest", "m.json"), "no-such-method")
+    for name in ("cddpm", "score-sde", "unet"):
+        assert name in listed.stdout
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"cases": {"a": {"images": {"ct": str(sample_dir / "ct.nii.gz")}, "split": "train"}}}))
+    result = crossdiff("train", "--method", "no-such-method", "--manifest", manifest, "--out", tmp_path / "run")
+    assert_clear_failure(result, "no-such-method", "cddpm")
+    assert not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,7 +28,10 @@ from rich.table import Table
 from crossdiff import __version__
 from crossdiff.atomic import atomic_path
 from crossdiff.errors import CrossdiffError
-from crossdiff.methods import available_methods, get_method
+from crossdiff.methods import available_methods
+
+if TYPE_CHECKING:
+    from crossdiff.data.manifest import Manifest
 
 app = typer.Typer(
     name="crossdiff",
@@ -222,31 +225,158 @@ def methods() -> None:
 
 
 def _not_available(command: str) -> None:
-    raise CrossdiffError(
-        f"`crossdiff {command}` needs a translation method, and crossdiff {__version__} has none yet "
-        "(`crossdiff methods` lists them)"
-    )
+    raise CrossdiffError(f"`crossdiff {command}` is not available in crossdiff {__version__} yet")
+
+
+TRAIN_SECTIONS = ("method", "slices", "preparation", "training")
 
 
 @app.command()
 def train(
     method: Annotated[str, typer.Option(help="Method name from `crossdiff methods`.")],
     manifest: Annotated[Path, typer.Option(help="Dataset manifest from `crossdiff prepare`.")],
-    config: Annotated[Optional[Path], typer.Option(help="YAML config.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder (required): checkpoints, metrics, effective config.")] = None,
+    source: Annotated[str, typer.Option(help="Source modality key in the manifest (e.g. mr).")] = "mr",
+    target: Annotated[str, typer.Option(help="Target modality key in the manifest (e.g. ct).")] = "ct",
+    config: Annotated[Optional[Path], typer.Option(help="YAML with sections method, slices, preparation, training.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total training steps (overrides the config).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Slices per step and process (overrides the config).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT's run from its latest checkpoint.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (overrides the config).")] = None,
 ) -> None:
-    """Train a translation method (available once methods are registered)."""
-    get_method(method)
-    _not_available("train")
+    """Train a method on the manifest's train split, validating on its val split (else test).
+
+    Under `torchrun --nproc_per_node N -m crossdiff train ...` the N processes train data-parallel."""
+    from crossdiff.data.cases import PreparationConfig, prepare_cases
+    from crossdiff.data.manifest import load_manifest
+    from crossdiff.data.slices import PairedSliceDataset, SliceConfig
+    from crossdiff.inference import ModelSpec
+    from crossdiff.methods import get_method
+    from crossdiff.methods.base import DataSpec
+    from crossdiff.training import TrainConfig, seed_everything
+    from crossdiff.training import train as run_training
+
+    cls = get_method(method)
+    if out is None:
+        raise CrossdiffError("crossdiff train needs --out RUN_DIR, the folder for checkpoints and logs")
+    settings = _run_settings(out, config, resume, source, target)
+    overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "device": device}.items() if v is not None}
+    training = TrainConfig.from_dict({**settings["training"], **overrides})
+    slices = SliceConfig.from_dict(settings["slices"])
+    preparation = PreparationConfig.from_dict({"modalities": [source, target], "reference": target, **settings["preparation"]})
+    loaded = load_manifest(manifest)
+    train_ids, val_ids = _training_split(loaded, source, target)
+    with progress("preparing cases", total=len(train_ids) + len(val_ids)) as (bar, task):
+        cases = prepare_cases(
+            ((cid, loaded.cases[cid]) for cid in train_ids + val_ids), preparation, out / "cache",
+            on_case=lambda _: bar.advance(task),
+        )
+    train_cases, val_cases = cases[: len(train_ids)], cases[len(train_ids) :]
+    train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True)
+    val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
+    seed_everything(training.seed)
+    model = cls(settings["method"], DataSpec(slices.channels, 1, slices.size))
+    spec = ModelSpec.from_cases(train_cases, source, target, slices, preparation)
+    validation = f"validating on {len(val_set)} slices of {len(val_cases)}" if val_set else "no validation cases"
+    err_console.print(f"training {method} on {len(train_set)} slices of {len(train_cases)} cases, {validation}")
+    result = run_training(model, train_set, val_set, training, out, resume=resume, extra_config=spec.to_sections())
+    out_console.print(f"step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items()))
+    if result.validation:
+        last = result.validation[-1]
+        out_console.print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step"))
+    out_console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True, highlight=False)
+
+
+def _run_settings(out: Path, config: Path | None, resume: bool, source: str, target: str) -> dict[str, dict]:
+    """The sections of a new run's YAML, or the saved settings of the run being resumed."""
+    import yaml
+
+    from crossdiff.training import RUN_CONFIG
+
+    if resume:
+        if config is not None:
+            raise CrossdiffError("--resume continues with the run's saved settings; leave out --config")
+        saved_file = out / RUN_CONFIG
+        if not saved_file.is_file():
+            raise CrossdiffError(f"{out}: nothing to resume ({RUN_CONFIG} is missing)")
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
+        if (saved["model"]["source"], saved["model"]["target"]) != (source, target):
+            raise CrossdiffError(f"{out} translates {saved['model']['source']} to {saved['model']['target']}, "
+                                 f"not {source} to {target}")
+        return {"method": saved["method"]["config"], **{key: saved[key] for key in TRAIN_SECTIONS[1:]}}
+    if config is None:
+        return {section: {} for section in TRAIN_SECTIONS}
+    try:
+        loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise CrossdiffError(f"{config}: cannot read the config ({str(error).splitlines()[0]})") from None
+    unknown = sorted(set(loaded) - set(TRAIN_SECTIONS)) if isinstance(loaded, dict) else ["(not a mapping)"]
+    if unknown:
+        raise CrossdiffError(f"{config}: unknown section(s) {', '.join(unknown)}; use {', '.join(TRAIN_SECTIONS)}")
+    return {section: dict(loaded.get(section) or {}) for section in TRAIN_SECTIONS}
+
+
+def _training_split(manifest: Manifest, source: str, target: str) -> tuple[list[str], list[str]]:
+    """Cases holding both modalities: the train split, and val (else test) for validation."""
+    paired = set(manifest.cases_with(source, target))
+    split = {name: [cid for cid in manifest.split_cases(name) if cid in paired] for name in ("train", "val", "test")}
+    if not split["train"]:
+        raise CrossdiffError(f"the manifest has no training case with both {source} and {target}")
+    return split["train"], split["val"] or split["test"]
 
 
 @app.command()
 def translate(
-    model: Annotated[Path, typer.Option(help="Trained checkpoint.")],
+    model: Annotated[Path, typer.Option(help="Checkpoint folder, its run folder, or checkpoints/latest.")],
     input: Annotated[Path, typer.Option(help="Source image (file or DICOM folder).")],
-    output: Annotated[Path, typer.Option(help="Translated image to write.")],
+    output: Annotated[Path, typer.Option(help="Translated image to write (NIfTI, MHA, NRRD).")],
+    uncertainty: Annotated[Optional[Path], typer.Option(help="Also write the per-voxel std of the draws (stochastic).")] = None,
+    samples: Annotated[int, typer.Option(help="Monte-Carlo draws of a stochastic method; the output is their mean.")] = 1,
+    sampler: Annotated[Optional[str], typer.Option(help="Sampler of a diffusion method (method option 'sampler').")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps of a diffusion method (method option 'steps').")] = None,
+    option: Annotated[Optional[list[str]], typer.Option(help="Another method option KEY=VALUE (YAML value); repeatable.")] = None,
+    mask: Annotated[Optional[Path], typer.Option(help="Body mask on the input grid; outside it is background.")] = None,
+    match_spacing: Annotated[bool, typer.Option("--match-spacing", help="Work at the training in-plane spacing.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 8,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random draws: the same seed gives the same output.")] = 0,
 ) -> None:
-    """Translate a volume with a trained model (available once methods are registered)."""
-    _not_available("translate")
+    """Translate a volume with a trained model; the output has the input's exact geometry."""
+    from crossdiff.data.cases import family_of
+    from crossdiff.inference import load_model, translate_volume
+    from crossdiff.readers import read_mask, read_volume
+    from crossdiff.volumes import write_volume
+
+    options = dict(_option(item) for item in option or [])
+    options |= {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+    loaded = load_model(model, device)
+    if uncertainty is not None and not loaded.method.stochastic:
+        raise CrossdiffError(f"{loaded.method.name} is deterministic: it has no spread to write; leave out --uncertainty")
+    if uncertainty is not None and samples < 2:
+        raise CrossdiffError("--uncertainty needs at least two draws: add --samples N (N >= 2)")
+    volume = read_volume(input, modality=family_of(loaded.spec.source))
+    body = read_mask(mask, volume) if mask is not None else None
+    with progress(f"translating {input.name}") as (bar, task):
+        result = translate_volume(
+            loaded, volume, samples=samples, options=options, mask=body, batch_size=batch_size, seed=seed,
+            match_spacing=match_spacing, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    write_volume(result.mean, output)
+    summary = f"{loaded.method.name}, {result.nfe} network evaluations per draw, {samples} draw(s)"
+    out_console.print(f"wrote {output} ({summary})", soft_wrap=True, highlight=False)
+    if uncertainty is not None and result.std is not None:
+        write_volume(result.std, uncertainty)
+        out_console.print(f"wrote {uncertainty}", soft_wrap=True, highlight=False)
+
+
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as YAML, so numbers and booleans arrive typed (eta=0.5, clip=false)."""
+    import yaml
+
+    if "=" not in text:
+        raise CrossdiffError(f"--option expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
 
 
 @app.command()

@@ -1,0 +1,214 @@
+"""Checkpoint folders: written whole or not at all, readable without pickle.
+
+    RUN_DIR/checkpoints/step-0001000/
+        model.safetensors     'ema/<module>/<param>' (the weights inference uses) and 'raw/<module>/<param>'
+        training.safetensors  optimiser state tensors 'optimizer/<name>/<param id>/<key>', RNG states 'rng/...'
+        state.json            step, optimiser hyper-parameters, gradient-scaler state, Python/NumPy RNG states
+        config.yaml           everything needed to rebuild and run the model (method, data, scalings, training)
+    RUN_DIR/checkpoints/latest -> step-0001000
+
+A folder is filled under a temporary name and renamed into place, and `latest` is re-pointed with one
+rename, so a run killed at any moment leaves the previous checkpoint intact and `latest` valid.
+Tensors live in safetensors files and everything else in JSON/YAML: loading never runs pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from crossdiff.atomic import atomic_directory, write_json, write_text
+from crossdiff.errors import InputError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+TRAINING_FILE = "training.safetensors"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+STEP_NAME = re.compile(r"step-(\d{7,})\Z")
+
+Tensors = dict[str, torch.Tensor]
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: Tensors, training: Tensors, state: dict[str, Any], config: dict[str, Any], keep: int
+) -> Path:
+    """Write one checkpoint atomically, point `latest` at it, and delete all but the newest `keep`."""
+    root = Path(run_dir) / CHECKPOINTS
+    destination = root / step_name(step)
+    with atomic_directory(destination) as tmp:
+        save_file(_detached(model), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        save_file(_detached(training), str(tmp / TRAINING_FILE), metadata={"step": str(step)})
+        write_json(tmp / STATE_FILE, state)
+        write_yaml(tmp / CONFIG_FILE, config)
+    _point_latest(root, destination.name)
+    _prune(root, keep)
+    return destination
+
+
+def plain(value: Any) -> Any:
+    """Tuples become lists, recursively: what YAML and JSON hold, so saved and live settings compare equal."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+def write_yaml(path: Path, payload: dict[str, Any]) -> None:
+    write_text(path, yaml.safe_dump(plain(payload), sort_keys=False, default_flow_style=None))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint `latest` points to, or None when the run has none yet."""
+    link = Path(run_dir) / CHECKPOINTS / LATEST
+    return link.resolve() if link.exists() else None
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """Accept a checkpoint folder, its `latest` link, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise InputError(path, "this run has no checkpoint yet")
+        return latest
+    if (path / CONFIG_FILE).is_file():
+        return path.resolve()
+    if not path.exists():
+        raise InputError(path, "checkpoint does not exist")
+    raise InputError(path, f"not a crossdiff checkpoint: no {CONFIG_FILE} and no {CHECKPOINTS} folder")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(path, "checkpoint configuration is missing")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise InputError(path, f"checkpoint configuration is not valid YAML ({_first_line(error)})") from None
+    if not isinstance(config, dict):
+        raise InputError(path, "checkpoint configuration is not a mapping")
+    return config
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "training state is missing; this checkpoint cannot resume training") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(path, f"training state is corrupt ({error})") from None
+
+
+def read_tensors(path: Path) -> tuple[Tensors, dict[str, str]]:
+    """Tensors and metadata of a safetensors file, on the CPU; a missing, truncated or foreign file is an
+    InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint file is missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(path, f"checkpoint file is corrupt or not a safetensors file ({_first_line(error)})") from None
+
+
+def split_prefix(tensors: Tensors, prefix: str) -> dict[str, Tensors]:
+    """'prefix/<group>/<rest>' -> {group: {rest: tensor}} (e.g. the EMA weights per module)."""
+    groups: dict[str, Tensors] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(prefix + "/"):
+            group, rest = key[len(prefix) + 1 :].split("/", 1)
+            groups.setdefault(group, {})[rest] = tensor
+    return groups
+
+
+def optimizer_state(name: str, optimizer: torch.optim.Optimizer) -> tuple[Tensors, dict[str, Any]]:
+    """Split an optimiser's state dict into tensors ('optimizer/<name>/<param id>/<key>') and JSON."""
+    state = optimizer.state_dict()
+    tensors: Tensors = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for param_id, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{name}/{param_id}/{key}"] = value
+            else:
+                plain.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "state": plain}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, name: str, tensors: Tensors, plain: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in plain["state"].items()}
+    for rest, value in split_prefix(tensors, "optimizer").get(name, {}).items():
+        param_id, key = rest.split("/", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def rng_state() -> tuple[Tensors, dict[str, Any]]:
+    """Every global random stream: torch (CPU and each GPU) as tensors, Python and NumPy as JSON."""
+    tensors = {"rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors |= {f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return tensors, {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+    }
+
+
+def restore_rng(tensors: Tensors, plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/cpu"])
+    cuda_keys = sorted((key for key in tensors if key.startswith("rng/cuda/")), key=lambda key: int(key.rsplit("/", 1)[1]))
+    cuda = [tensors[key] for key in cuda_keys]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+
+
+def _detached(tensors: Tensors) -> Tensors:
+    """CPU copies: safetensors refuses tensors that share memory (raw and EMA weights are one when EMA is off)."""
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in tensors.items()}
+
+
+def _point_latest(root: Path, name: str) -> None:
+    """Re-point `latest` with a rename, which replaces the old link in one step."""
+    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name)
+    os.replace(tmp, root / LATEST)
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.iterdir() if STEP_NAME.match(p.name) and p.is_dir())
+    for old in steps[: max(len(steps) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

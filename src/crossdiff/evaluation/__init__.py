@@ -1,0 +1,1 @@
+"""Evaluation: image-similarity metrics with the definitions the field compares against."""

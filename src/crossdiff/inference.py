@@ -1,0 +1,366 @@
+"""Volume in, translated volume out, in the input's exact geometry: the same for every method.
+
+A trained model remembers how its training data was made (`ModelSpec`: which modalities, how they
+were scaled, how slices were cut, on what grid orientation and spacing). Translating a volume
+repeats that preparation on the new input, runs the method slice by slice in batches (several
+Monte-Carlo draws for stochastic methods), puts every slice back where it came from, and returns
+the result in physical units (HU for CT) on the input's own grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossdiff import checkpoints
+from crossdiff.data.cases import PreparationConfig, PreparedCase, family_of
+from crossdiff.data.slices import SliceConfig, context_slices, fit_slice, unfit_slice
+from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.intensity import IntensityScaling, fit_scaling
+from crossdiff.masks import body_mask
+from crossdiff.methods import get_method
+from crossdiff.methods.base import DataSpec, Method
+from crossdiff.training import MODEL_FORMAT, resolve_device
+from crossdiff.volumes import BACKGROUND, Geometry, Volume, resample_to
+
+FITTED_SCALINGS = ("percentile", "mean")  # refitted on every input; the others are fixed windows
+SPACING_TOLERANCE = 0.01  # relative in-plane spacing difference that --match-spacing resamples for
+
+
+# ------------------------------------------------------------------------------- model description
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model was trained on, saved in its config.yaml so inference repeats it.
+
+    `source_scaling`/`target_scaling` are the training cases' scalings (their median window where
+    each case had its own, e.g. MR percentiles): fixed windows (CT HU, PET SUV) are reused as they
+    are, fitted ones are refitted on each input; a fitted target comes back in typical training
+    units. `spacing` (x, y, z) and `direction` describe the training grid.
+    """
+
+    source: str
+    target: str
+    slices: SliceConfig
+    preparation: PreparationConfig
+    source_scaling: IntensityScaling
+    target_scaling: IntensityScaling
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @property
+    def target_modality(self) -> str | None:
+        return family_of(self.target)
+
+    @classmethod
+    def from_cases(
+        cls, cases: Sequence[PreparedCase], source: str, target: str, slices: SliceConfig, preparation: PreparationConfig
+    ) -> ModelSpec:
+        if not cases:
+            raise CrossdiffError("a model needs at least one training case")
+        spacing = np.median([case.geometry.spacing for case in cases], axis=0)
+        return cls(
+            source, target, slices, preparation,
+            _typical([case.scalings[source] for case in cases]),
+            _typical([case.scalings[target] for case in cases]),
+            tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+            cases[0].geometry.direction,
+        )
+
+    def to_sections(self) -> dict[str, Any]:
+        """config.yaml sections: 'model', 'slices', 'preparation'."""
+        model = {
+            "source": self.source,
+            "target": self.target,
+            "scalings": {"source": self.source_scaling.to_dict(), "target": self.target_scaling.to_dict()},
+            "spacing": list(self.spacing),
+            "direction": list(self.direction),
+        }
+        return {"model": model, "slices": self.slices.to_dict(), "preparation": self.preparation.to_dict()}
+
+    @classmethod
+    def from_sections(cls, config: dict[str, Any]) -> ModelSpec:
+        model = config["model"]
+        return cls(
+            model["source"],
+            model["target"],
+            SliceConfig.from_dict(config["slices"]),
+            PreparationConfig.from_dict(config["preparation"]),
+            IntensityScaling.from_dict(model["scalings"]["source"]),
+            IntensityScaling.from_dict(model["scalings"]["target"]),
+            tuple(float(s) for s in model["spacing"]),  # type: ignore[arg-type]
+            tuple(float(d) for d in model["direction"]),
+        )
+
+
+def _typical(scalings: list[IntensityScaling]) -> IntensityScaling:
+    first = scalings[0]
+    low = float(np.median([s.low for s in scalings]))
+    high = float(np.median([s.high for s in scalings]))
+    return IntensityScaling(first.method, low, high, first.units)
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    method: Method
+    spec: ModelSpec
+    folder: Path
+    step: int | None
+    device: torch.device
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device | None = None) -> LoadedModel:
+    """Rebuild the method from a checkpoint's config.yaml and load its EMA weights (no pickle).
+
+    `checkpoint` is a checkpoint folder, a `latest` link or a run folder. A missing, corrupt or
+    mismatched file is an InputError that names it.
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    folder = checkpoints.checkpoint_folder(Path(checkpoint))
+    config = checkpoints.read_config(folder)
+    config_file = folder / checkpoints.CONFIG_FILE
+    if config.get("format") != MODEL_FORMAT:
+        raise InputError(config_file, f"not a crossdiff model configuration (format {config.get('format')!r})")
+    try:
+        data = config["data"]
+        spec_data = DataSpec(int(data["source_channels"]), int(data["target_channels"]), tuple(data["size"]))
+        method = get_method(config["method"]["name"])(config["method"]["config"], spec_data)
+        spec = ModelSpec.from_sections(config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(config_file, f"checkpoint configuration is incomplete or malformed ({error!r})") from None
+    model_file = folder / checkpoints.MODEL_FILE
+    tensors, metadata = checkpoints.read_tensors(model_file)
+    weights = checkpoints.split_prefix(tensors, "ema")
+    for name, module in method.modules().items():
+        if name not in weights:
+            raise InputError(model_file, f"holds no weights for the {name!r} network")
+        try:
+            module.load_state_dict(weights[name])
+        except RuntimeError as error:
+            raise InputError(model_file, f"weights do not fit the {name!r} network ({str(error).splitlines()[0]})") from None
+        module.to(device).eval()
+    step = int(metadata["step"]) if "step" in metadata else None
+    return LoadedModel(method, spec, folder, step, device)
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """Exact axis permutation and flips that bring an array into the training grid's orientation
+    (so axial slices stay axial whatever the input's storage order), and back."""
+
+    order: tuple[int, int, int]
+    flips: tuple[int, ...]
+
+    @classmethod
+    def between(cls, direction: Sequence[float], training: Sequence[float]) -> Reorientation:
+        have, want = _axis_codes(direction), _axis_codes(training)
+        if sorted(a for a, _ in have) != [0, 1, 2] or sorted(a for a, _ in want) != [0, 1, 2]:
+            return cls((0, 1, 2), ())  # oblique beyond telling the axes apart: keep the storage order
+        source_axis = {axis: (index, sign) for index, (axis, sign) in enumerate(have)}
+        order, flips = [0, 0, 0], []
+        for index, (axis, sign) in enumerate(want):
+            from_index, from_sign = source_axis[axis]
+            order[2 - index] = 2 - from_index  # arrays are (z, y, x): numpy axis = 2 - index axis
+            if from_sign != sign:
+                flips.append(2 - index)
+        return cls(tuple(order), tuple(sorted(flips)))  # type: ignore[arg-type]
+
+    def forward(self, array: np.ndarray, lead: int = 0) -> np.ndarray:
+        """Input order -> training order; `lead` leading axes (e.g. draws) are left alone."""
+        moved = np.transpose(array, (*range(lead), *(lead + a for a in self.order)))
+        return np.flip(moved, [lead + a for a in self.flips]) if self.flips else moved
+
+    def backward(self, array: np.ndarray, lead: int = 0) -> np.ndarray:
+        flipped = np.flip(array, [lead + a for a in self.flips]) if self.flips else array
+        inverse = np.argsort(self.order)
+        return np.transpose(flipped, (*range(lead), *(lead + int(a) for a in inverse)))
+
+    def spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
+        """The (x, y, z) spacing of the reoriented grid."""
+        numpy_order = [spacing[2 - a] for a in self.order]  # spacing along each working numpy axis
+        return (numpy_order[2], numpy_order[1], numpy_order[0])
+
+
+def _axis_codes(direction: Sequence[float]) -> list[tuple[int, int]]:
+    """Per index axis (x, y, z): the patient axis it mostly runs along, and which way."""
+    matrix = np.asarray(direction, dtype=float).reshape(3, 3)
+    codes = []
+    for column in matrix.T:
+        axis = int(np.argmax(np.abs(column)))
+        codes.append((axis, 1 if column[axis] > 0 else -1))
+    return codes
+
+
+def training_grid(spec: ModelSpec, geometry: Geometry, turn: Reorientation) -> Geometry | None:
+    """The input's grid with the training in-plane spacing (slice spacing kept), or None when it already has it."""
+    trained = np.array(spec.spacing)
+    have = np.array(turn.spacing(geometry.spacing))
+    in_plane = [2 - a for a in range(3) if a != spec.slices.axis]  # index axes of the slice plane
+    if np.all(np.abs(have[in_plane] - trained[in_plane]) <= SPACING_TOLERANCE * trained[in_plane]):
+        return None
+    wanted = have.copy()
+    wanted[in_plane] = trained[in_plane]
+    # back to the input's own axis order: working index axis w comes from input index axis 2 - order[2 - w]
+    spacing, size = list(geometry.spacing), list(geometry.size)
+    for working in range(3):
+        index = 2 - turn.order[2 - working]
+        extent = geometry.size[index] * geometry.spacing[index]
+        spacing[index] = float(wanted[working])
+        size[index] = max(1, int(round(extent / spacing[index])))
+    return Geometry(tuple(size), tuple(spacing), geometry.origin, geometry.direction)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------- translation
+
+
+@dataclass
+class VolumeTranslation:
+    """`mean` in physical units; `std` the per-voxel spread of the draws (same units), None for a
+    deterministic method or a single draw; `samples` the draws when asked for; `nfe` per draw."""
+
+    mean: Volume
+    std: Volume | None
+    samples: list[Volume] | None
+    nfe: int
+
+
+def translate_volume(
+    model: LoadedModel,
+    volume: Volume,
+    samples: int = 1,
+    options: dict[str, Any] | None = None,
+    mask: Volume | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    keep_samples: bool = False,
+    match_spacing: bool = False,
+) -> VolumeTranslation:
+    """Translate a whole volume; the result has `volume`'s exact geometry.
+
+    The source is scaled like the training data (fitted scalings refitted inside `mask`, else inside
+    the automatic body mask). With `match_spacing` an input whose in-plane spacing differs from the
+    training spacing is resampled for the network and the result resampled back; by default the
+    network works on the input grid. Outside `mask` the output is the target's background (-1024 HU
+    for CT) and slices without mask are not translated. The same seed gives the same result.
+    """
+    _check_request(model, volume, samples, mask)
+    body = mask.array.astype(bool) if mask is not None else None
+    scaling = source_scaling(model.spec, volume, body)
+    turn = Reorientation.between(volume.geometry.direction, model.spec.direction)
+    grid = training_grid(model.spec, volume.geometry, turn) if match_spacing else None
+    working = volume if grid is None else resample_to(volume, grid)
+    region = body if grid is None or mask is None else resample_to(mask, grid, "nearest", 0).array.astype(bool)
+    draws, nfe = _translate_array(
+        model,
+        turn.forward(scaling.apply(working.array)),
+        None if region is None else turn.forward(region),
+        samples, options or {}, batch_size, seed, progress,
+    )
+    draws = turn.backward(draws, lead=1)
+    if grid is not None:
+        draws = np.stack([resample_to(Volume(d, grid), volume.geometry, default_value=-1.0).array for d in draws])
+    return _assemble(model.spec, volume.geometry, draws, body, keep_samples, nfe)
+
+
+def source_scaling(spec: ModelSpec, volume: Volume, mask: np.ndarray | None) -> IntensityScaling:
+    """Training's scaling for this input: fixed windows as saved, fitted ones refitted inside the body."""
+    saved = spec.source_scaling
+    if saved.method not in FITTED_SCALINGS:
+        return saved
+    region = mask if mask is not None else body_mask(volume).array.astype(bool)
+    return fit_scaling(volume, region, saved.method, percentiles=spec.preparation.mr_percentiles)
+
+
+def _check_request(model: LoadedModel, volume: Volume, samples: int, mask: Volume | None) -> None:
+    if samples < 1:
+        raise CrossdiffError(f"samples must be >= 1, not {samples}")
+    if samples > 1 and not model.method.stochastic:
+        raise CrossdiffError(
+            f"{model.method.name} is deterministic: it gives one translation per input and no Monte-Carlo samples"
+        )
+    if mask is not None and not mask.geometry.matches(volume.geometry):
+        raise InputError(mask.path, f"mask does not match the input's grid: {mask.geometry.describe_difference(volume.geometry)}")
+
+
+def inference_slices(config: SliceConfig, plane: tuple[int, int]) -> SliceConfig:
+    """The slice size the network runs at. 'resize' repeats training exactly; 'pad-crop' keeps the pixel
+    spacing, so a slice larger than the trained size gets a larger canvas (rounded up to the trained
+    size's power-of-two factor, which the network's downsampling already divides) instead of losing
+    its border to the crop: convolutional networks run at any such size."""
+    if config.fit == "resize":
+        return config
+    size = []
+    for have, trained in zip(plane, config.size):
+        step = trained & -trained
+        size.append(max(trained, -(-have // step) * step))
+    return replace(config, size=tuple(size))
+
+
+@torch.no_grad()
+def _translate_array(
+    model: LoadedModel,
+    array: np.ndarray,
+    region: np.ndarray | None,
+    samples: int,
+    options: dict[str, Any],
+    batch_size: int,
+    seed: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, int]:
+    """(samples, *array.shape) draws in [-1, 1]; slices outside `region` stay background (-1)."""
+    config = model.spec.slices
+    axis = config.axis
+    plane = tuple(s for i, s in enumerate(array.shape) if i != axis)
+    working = inference_slices(config, plane)  # type: ignore[arg-type]
+    indices = [i for i in range(array.shape[axis]) if region is None or np.take(region, i, axis=axis).any()]
+    draws = np.full((samples, *array.shape), -1.0, dtype=np.float32)
+    by_slice = np.moveaxis(draws, axis + 1, 1)  # a view: (samples, slice, h, w)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    nfe = 0
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        stack = torch.from_numpy(np.stack([context_slices(array, i, config) for i in chunk]))
+        result = model.method.translate(fit_slice(stack, working).to(model.device), generator, samples=samples, **options)
+        planes = unfit_slice(result.samples[:, :, 0].float().cpu(), plane, working).numpy()  # type: ignore[arg-type]
+        by_slice[:, chunk] = planes
+        nfe = result.nfe
+        if progress is not None:
+            progress(start + len(chunk), len(indices))
+    return draws, nfe
+
+
+def _assemble(
+    spec: ModelSpec, geometry: Geometry, draws: np.ndarray, body: np.ndarray | None, keep_samples: bool, nfe: int
+) -> VolumeTranslation:
+    """Draws in [-1, 1] -> mean, spread and samples in physical units, background outside the mask."""
+    target = spec.target_scaling
+    modality = spec.target_modality
+    background = BACKGROUND.get(modality or "", 0.0)
+
+    def physical(unit: np.ndarray) -> Volume:
+        values = target.invert(unit)
+        if body is not None:
+            values[~body] = background
+        return Volume(values, geometry, modality, target.units)
+
+    spread = None
+    if draws.shape[0] > 1:
+        values = (draws.std(axis=0, ddof=1) * (target.high - target.low) / 2.0).astype(np.float32)
+        if body is not None:
+            values[~body] = 0.0
+        spread = Volume(values, geometry, modality, target.units)
+    kept = [physical(draw) for draw in draws] if keep_samples else None
+    return VolumeTranslation(physical(draws.mean(axis=0)), spread, kept, nfe)

@@ -1,0 +1,98 @@
+"""What every translation method provides, so one training loop, one checkpoint format and one
+volume-inference path serve them all (diffusion models, regression UNets, GANs).
+
+A method owns its networks and optimisers and decides how one batch is learned from (a GAN
+alternates two optimisers, a diffusion model has one); the training loop owns everything around it:
+autocast, gradient clipping, EMA, DDP, checkpoints, resume, validation and progress. The method asks
+the loop to apply a loss through `StepContext.optimize`, which is where those shared parts happen.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data looks like to the networks: channels of the source input (2k+1 for 2.5-D
+    context) and of the target, and the slice size."""
+
+    source_channels: int
+    target_channels: int = 1
+    size: tuple[int, int] = (64, 64)
+
+
+@dataclass
+class Translation:
+    """Result of translating a batch of source slices: `samples` (N, B, C, H, W) in [-1, 1], one
+    per Monte-Carlo draw (N = 1 for deterministic methods), and the network evaluations used per draw."""
+
+    samples: torch.Tensor
+    nfe: int
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.samples.mean(dim=0)
+
+    @property
+    def std(self) -> torch.Tensor | None:
+        """Per-pixel spread across draws; None when there is only one draw (nothing to measure)."""
+        return self.samples.std(dim=0, unbiased=True) if self.samples.shape[0] > 1 else None
+
+
+@dataclass
+class StepContext:
+    """Handed to `Method.training_step` by the loop. `optimize(name, loss)` zeroes the grads of the
+    named optimiser, back-propagates (with the loop's gradient scaler), clips, steps, and updates the
+    EMA copies of the modules that optimiser trains. `generator` is the loop's seeded RNG for the step."""
+
+    optimize: Callable[[str, torch.Tensor], None]
+    generator: torch.Generator
+    device: torch.device
+    step: int
+
+
+class Method(ABC):
+    """Base class of every method; subclasses are registered with `@register_method(name, description)`.
+
+    `config` holds only plain values (it is saved as YAML beside every checkpoint and must rebuild the
+    method exactly with `cls(config, data)`). Each network is an attribute whose name is its key in
+    `modules()`: the training loop swaps in DDP wrappers under the same names for multi-process runs.
+    """
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
+        self.config = dict(config)
+        self.data = data
+
+    @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Every network, by name: these are saved, EMA-averaged, moved to the device and DDP-wrapped."""
+
+    @abstractmethod
+    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+        """Optimiser by name, with the names of the modules it trains (for clipping and EMA)."""
+
+    @abstractmethod
+    def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
+        """Learn from one batch through `context.optimize`; return the losses to log."""
+
+    @abstractmethod
+    def translate(
+        self, source: torch.Tensor, generator: torch.Generator, samples: int = 1, **options: Any
+    ) -> Translation:
+        """Translate source slices (B, C, H, W) in [-1, 1]. Stochastic methods draw `samples` times;
+        `options` are method-specific (sampler, steps, eta, ...), unknown ones are an error."""
+
+    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> float:
+        """A cheap held-out loss to watch while training (default: L1 of one translation)."""
+        result = self.translate(batch["source"], generator, samples=1)
+        return float((result.mean - batch["target"]).abs().mean())
