@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from crossdiff.atomic import atomic_directory, write_json, write_text
-from crossdiff.errors import InputError
+from crossdiff.errors import InputError, error_summary
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -103,7 +103,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise InputError(path, f"checkpoint configuration is not valid YAML ({_first_line(error)})") from None
+        raise InputError(path, f"checkpoint configuration is not valid YAML ({error_summary(error)})") from None
     if not isinstance(config, dict):
         raise InputError(path, "checkpoint configuration is not a mapping")
     return config
@@ -129,7 +129,7 @@ def read_tensors(path: Path) -> tuple[Tensors, dict[str, str]]:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
     except (SafetensorError, OSError, ValueError) as error:
-        raise InputError(path, f"checkpoint file is corrupt or not a safetensors file ({_first_line(error)})") from None
+        raise InputError(path, f"checkpoint file is corrupt or not a safetensors file ({error_summary(error)})") from None
 
 
 def split_prefix(tensors: Tensors, prefix: str) -> dict[str, Tensors]:
@@ -209,6 +209,3 @@ def _prune(root: Path, keep: int) -> None:
     for old in steps[: max(len(steps) - keep, 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

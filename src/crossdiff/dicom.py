@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from crossdiff.errors import InputError
+from crossdiff.errors import InputError, error_summary
 from crossdiff.volumes import Volume
 
 MODALITY_FAMILY = {"CT": "CT", "MR": "MR", "PT": "PET", "PET": "PET"}
@@ -119,7 +119,7 @@ def read_dicom_file(path: str | Path) -> Volume:
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        problem = f"DICOM pixel data could not be read; the file is truncated or corrupt ({_last_line(error)})"
+        problem = f"DICOM pixel data could not be read; the file is truncated or corrupt ({error_summary(error, last=True)})"
         raise InputError(path, problem) from None
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
@@ -236,7 +236,7 @@ def _unreadable_slice(folder: Path, series: SeriesInfo, error: Exception) -> Inp
         except RuntimeError:
             problem = f"DICOM pixel data could not be read; the file is truncated or corrupt (series {series.uid})"
             return InputError(name, problem)
-    return InputError(folder, f"DICOM series {series.uid} could not be read: {_last_line(error)}")
+    return InputError(folder, f"DICOM series {series.uid} could not be read: {error_summary(error, last=True)}")
 
 
 def _units(family: str | None, header: pydicom.Dataset) -> str | None:
@@ -285,7 +285,3 @@ def _check_even_spacing(folder: Path, headers: list[pydicom.Dataset]) -> None:
             f"typical {step:.3g} mm): a slice is missing or duplicated",
         )
 
-
-def _last_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__

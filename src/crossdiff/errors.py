@@ -17,3 +17,16 @@ class InputError(CrossdiffError):
         self.problem = problem
         where = f"{self.path}: " if self.path is not None else ""
         super().__init__(f"{where}{problem}")
+
+
+def error_summary(error: BaseException, last: bool = False) -> str:
+    """The telling line of a library's error message, for our one-line messages.
+
+    SimpleITK prefixes a 'sitk::ERROR' banner and puts its reason on the last line (`last=True`);
+    most Python errors say it on the first.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if "sitk::ERROR" not in line] or lines
+    if not telling:
+        return type(error).__name__
+    return telling[-1] if last else telling[0]

@@ -23,7 +23,7 @@ from crossdiff.dicom import (
     read_dicom_file,
     read_dicom_series,
 )
-from crossdiff.errors import InputError
+from crossdiff.errors import InputError, error_summary
 from crossdiff.volumes import Geometry, Volume
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -177,8 +177,7 @@ def _reason(error: Exception) -> str:
     text = str(error)
     if "Unable to determine ImageIO reader" in text:
         return "no image reader recognises its contents"
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "sitk::ERROR" not in line]
-    return lines[-1] if lines else "unknown reader error"
+    return error_summary(error, last=True)
 
 
 def _check_complete(path: Path) -> None:

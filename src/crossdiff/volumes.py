@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from crossdiff.atomic import atomic_path
-from crossdiff.errors import InputError
+from crossdiff.errors import InputError, error_summary
 
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 NIFTI_HEADER_BYTES = 352  # NIfTI-1 header plus the 4-byte extension flag, before the voxels
@@ -141,7 +141,7 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
         with atomic_path(path) as tmp:
             _write_staged(volume, tmp, suffix)
     except (OSError, RuntimeError) as error:
-        raise InputError(path, f"could not be written ({_first_line(error)})") from None
+        raise InputError(path, f"could not be written ({error_summary(error, last=isinstance(error, RuntimeError))})") from None
     return path
 
 
@@ -176,12 +176,6 @@ def _check_nifti_written(path: Path, data_bytes: int) -> None:
         raise OSError(f"only {written} of {NIFTI_HEADER_BYTES + data_bytes} bytes were written; is the disk full?")
 
 
-def _first_line(error: Exception) -> str:
-    """The telling line of an error: ITK puts its reason last, Python's OSError has one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "sitk::ERROR" not in line]
-    if not lines:
-        return type(error).__name__
-    return lines[-1] if isinstance(error, RuntimeError) else lines[0]
 
 
 def resample_to(
