@@ -16,19 +16,19 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, SAMPLE, SARCOMA, require_shared
+from heldout import sarcoma_split
+from helpers import REPO, SAMPLE
 from safetensors.torch import load_file, save_file
 
-from crossdiff import checkpoints, read_volume, resample_to
+from crossdiff import checkpoints
 from crossdiff.data.cases import PreparationConfig, prepare_case
 from crossdiff.data.manifest import CaseEntry
 from crossdiff.data.slices import PairedSliceDataset, SliceConfig
 from crossdiff.errors import CrossdiffError, InputError
-from crossdiff.inference import ModelSpec, load_model, source_scaling, translate_volume
+from crossdiff.inference import ModelSpec, load_model
 from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec, Method, Translation
 from crossdiff.training import SeededBatches, TrainConfig, seed_everything, train, validate
-from crossdiff.volumes import Volume
 
 SLICES = SliceConfig(size=(32, 32), fit="resize", context=1, seed=3)
 PREPARATION = PreparationConfig(modalities=["mr", "ct"], reference="ct")
@@ -282,12 +282,6 @@ HELD_OUT_SLICES = SliceConfig(size=(64, 64), fit="resize", context=1, seed=0)
 LEARNING_UNET = {"channels": [16, 32], "strides": [2], "num_res_units": 1, "lr": 2e-3, "output": "clamp", "masked_loss": True}
 
 
-def sarcoma_case(case_id: str, cache: Path):
-    folder = SARCOMA / case_id
-    entry = CaseEntry(images={"ct": folder / "CT/nifti/image/image.nii.gz", "mr": folder / "MR_T1/nifti/image/image.nii.gz"})
-    return prepare_case(case_id, entry, PREPARATION, cache_dir=cache), entry
-
-
 def test_unet_learns_more_than_a_linear_map_and_matches_it_on_a_held_out_patient(tmp_path):
     """Train on sarcoma STS_001 and STS_002 and translate whole MR volumes through load_model and
     translate_volume; compare with the CT in HU inside the body (where the MR has data) against the
@@ -297,41 +291,21 @@ def test_unet_learns_more_than_a_linear_map_and_matches_it_on_a_held_out_patient
     the held-out STS_003 the two are within a few HU. These crops are mostly soft tissue with noisy
     CT and only two training patients, so the line is a strong baseline there; the test asserts
     what was measured, with margins that a broken loop, scaling or inference path would miss."""
-    require_shared()
-    cases = {cid: sarcoma_case(cid, tmp_path) for cid in ("STS_001", "STS_002", "STS_003")}
-    training = [cases["STS_001"][0], cases["STS_002"][0]]
-    train_set = PairedSliceDataset(training, "mr", "ct", HELD_OUT_SLICES, augment=True)
-    spec = ModelSpec.from_cases(training, "mr", "ct", HELD_OUT_SLICES, PREPARATION)
+    split = sarcoma_split(tmp_path, HELD_OUT_SLICES)
+    train_set = PairedSliceDataset(split.training, "mr", "ct", HELD_OUT_SLICES, augment=True)
     seed_everything(0)
     method = get_method("unet")(LEARNING_UNET, DataSpec(HELD_OUT_SLICES.channels, 1, HELD_OUT_SLICES.size))
     config = TrainConfig(steps=STEPS, batch_size=8, ema_decay=0.99, log_every=100, checkpoint_every=STEPS, device="cpu")
-    train(method, train_set, None, config, tmp_path / "run", extra_config=spec.to_sections())
+    train(method, train_set, None, config, tmp_path / "run", extra_config=split.spec.to_sections())
     model = load_model(tmp_path / "run", "cpu")
 
-    # the baseline: least-squares line from scaled MR to HU over the masked pixels of every training slice
-    plain = PairedSliceDataset(training, "mr", "ct", HELD_OUT_SLICES)
-    items = [plain[i] for i in range(len(plain))]
-    inside = np.concatenate([item["mask"][0].numpy().ravel() > 0.5 for item in items])
-    x = np.concatenate([item["source"][HELD_OUT_SLICES.context].numpy().ravel() for item in items])[inside]
-    hu = spec.target_scaling.invert(np.concatenate([item["target"][0].numpy().ravel() for item in items])[inside])
-    slope, intercept = np.polyfit(x, hu, 1)
-
-    def errors(case_id: str) -> tuple[float, float, float]:
-        prepared, entry = cases[case_id]
-        ct = read_volume(entry.images["ct"])
-        mr = resample_to(read_volume(entry.images["mr"]), ct)  # the MR on the CT grid, as training prepared it
-        body = prepared.mask
-        synthetic = translate_volume(model, mr, mask=Volume(body.astype(np.uint8), ct.geometry, "mask"))
-        linear = slope * source_scaling(spec, mr, body).apply(mr.array) + intercept
-        return tuple(float(np.abs(p - ct.array)[body].mean()) for p in (synthetic.mean.array, linear, np.median(hu)))
-
-    (unet_seen, linear_seen, _), (unet_new, linear_new, constant_new) = errors("STS_001"), errors("STS_003")
-    print(f"MAE inside the body (HU): STS_001 (trained on) unet {unet_seen:.1f}, line {linear_seen:.1f}; "
-          f"STS_003 (held out) unet {unet_new:.1f}, line {linear_new:.1f}, constant {constant_new:.1f}")
-    assert 95.0 < linear_new < 110.0 < constant_new  # the baseline is the one measured before
-    assert unet_seen < linear_seen - 5.0  # more than an intensity map: it uses the neighbourhood
-    assert unet_new < constant_new - 10.0  # and what it learnt carries over to a new patient ...
-    assert unet_new < linear_new + 2.0  # ... as well as the line does
+    seen, new = split.mae(model, "STS_001"), split.mae(model)
+    print(f"MAE inside the body (HU): STS_001 (trained on) unet {seen['model']:.1f}, line {seen['linear']:.1f}; "
+          f"STS_003 (held out) unet {new['model']:.1f}, line {new['linear']:.1f}, constant {new['constant']:.1f}")
+    assert 95.0 < new["linear"] < 110.0 < new["constant"]  # the baseline is the one measured before
+    assert seen["model"] < seen["linear"] - 5.0  # more than an intensity map: it uses the neighbourhood
+    assert new["model"] < new["constant"] - 10.0  # and what it learnt carries over to a new patient ...
+    assert new["model"] < new["linear"] + 2.0  # ... as well as the line does
 
 
 if __name__ == "__main__":
