@@ -47,3 +47,31 @@ def assert_clear_failure(result: subprocess.CompletedProcess[str], *fragments: s
     text = " ".join(result.stderr.split())
     for fragment in fragments:
         assert fragment in text, f"{fragment!r} not in {text!r}"
+
+
+def train_straight_and_killed(
+    build, train_set, val_set, config, tmp: Path, extra: dict, kill_at: int = 9
+) -> tuple[Path, Path]:
+    """Train one run straight through, and another that dies at step `kill_at` (after a checkpoint) and is
+    resumed by a method with other initial weights (`build(init_seed)`), so everything must come from the
+    checkpoint. Returns the two run folders; their final checkpoints must be identical."""
+    from crossdiff.checkpoints import latest_checkpoint, step_name
+    from crossdiff.training import train
+
+    straight, killed = tmp / "straight", tmp / "killed"
+    train(build(0), train_set, val_set, config, straight, extra_config=extra)
+    method = build(0)
+    learn = method.training_step
+
+    def dies_after_the_checkpoint(batch, context):
+        if context.step == kill_at:
+            raise KeyboardInterrupt
+        return learn(batch, context)
+
+    method.training_step = dies_after_the_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(method, train_set, val_set, config, killed, extra_config=extra)
+    saved = (kill_at - 1) // config.checkpoint_every * config.checkpoint_every
+    assert latest_checkpoint(killed).name == step_name(saved)  # the kill left the last checkpoint before it
+    train(build(1), train_set, val_set, config, killed, resume=True, extra_config=extra)
+    return straight, killed

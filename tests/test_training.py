@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from heldout import sarcoma_split
-from helpers import REPO, SAMPLE
+from helpers import REPO, SAMPLE, train_straight_and_killed
 from safetensors.torch import load_file, save_file
 
 from crossdiff import checkpoints
@@ -81,26 +81,10 @@ def test_resume_after_a_kill_continues_bit_for_bit(tmp_path, data):
     train_set, val_set, extra = data
     config = TrainConfig(steps=12, batch_size=4, ema_decay=0.9, grad_clip=0.5, val_every=4, checkpoint_every=6, log_every=2,
                          seed=5, device="cpu")
-    straight = tmp_path / "straight"
-    train(build(0), train_set, val_set, config, straight, extra_config=extra)
-
-    killed = tmp_path / "killed"
-    method = build(0)
-    learn = method.training_step
-
-    def dies_after_the_checkpoint(batch, context):
-        if context.step == 9:
-            raise KeyboardInterrupt
-        return learn(batch, context)
-
-    method.training_step = dies_after_the_checkpoint
-    with pytest.raises(KeyboardInterrupt):
-        train(method, train_set, val_set, config, killed, extra_config=extra)
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["latest", "step-0000006"]
-
-    # a fresh method with other initial weights: everything must come from the checkpoint
-    result = train(build(1), train_set, val_set, config, killed, resume=True, extra_config=extra)
-    assert result.step == 12 and [v["step"] for v in result.validation] == [4, 8, 12]
+    straight, killed = train_straight_and_killed(build, train_set, val_set, config, tmp_path, extra)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["latest", "step-0000006", "step-0000012"]
+    result = json.loads((killed / "checkpoints" / "latest" / "state.json").read_text())
+    assert result["step"] == 12 and [v["step"] for v in result["validation"]] == [4, 8, 12]
     expected, resumed = weights(straight, 12), weights(killed, 12)
     assert expected.keys() == resumed.keys()
     assert {k.split("/")[0] for k in expected} >= {"ema", "raw", "optimizer", "rng"}

@@ -68,6 +68,9 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    # False for methods that learn from unpaired data (CycleGAN): `crossdiff train` then gives them an
+    # UnpairedSliceDataset, whose batches hold 'source', 'source_mask', 'target', 'target_mask'
+    paired: ClassVar[bool] = True
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
         self.config = dict(config)

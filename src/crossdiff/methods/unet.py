@@ -1,24 +1,36 @@
-"""`unet`: a plain regression UNet, the simplest paired baseline and the template for new methods.
+"""`unet` and `attention-unet`: regression baselines, the simplest paired methods and the template for new ones.
 
-One MONAI `UNet` maps the source slice (and its 2.5-D context) straight to the target slice; the
-loss is L1, optionally plus an SSIM term. It is deterministic: one translation per slice, no
-uncertainty. Everything else (AMP, EMA, clipping, checkpoints, DDP) is the training loop's job.
+One network maps the source slice (and its 2.5-D context) straight to the target slice; the loss is
+L1, optionally plus SSIM and perceptual terms (crossdiff.losses). The two methods differ only in the
+network (MONAI `UNet` or `AttentionUnet`); pix2pix reuses the rest with a discriminator added. They
+are deterministic: one translation per slice, no uncertainty. Everything else (AMP, EMA, clipping,
+checkpoints, DDP) is the training loop's job.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from monai.losses import SSIMLoss
-from monai.networks.nets import UNet
+from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.losses import RECONSTRUCTION_DEFAULTS, ReconstructionLoss
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
 
-DEFAULTS: dict[str, Any] = {
+OUTPUTS = ("tanh", "clamp")
+OPTIMISER_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999]}
+REGRESSION_DEFAULTS: dict[str, Any] = {
+    "output": "tanh",  # or 'clamp': a linear output clamped to [-1, 1] at inference only
+    "masked_loss": False,  # learn only inside the mask (e.g. where the MR has data); off learns the background too
+    **RECONSTRUCTION_DEFAULTS,
+    **OPTIMISER_DEFAULTS,
+}
+UNET_DEFAULTS: dict[str, Any] = {
     "channels": [32, 64, 128, 256],
     "strides": [2, 2, 2],
     "num_res_units": 2,
@@ -27,79 +39,130 @@ DEFAULTS: dict[str, Any] = {
     # norm ties DDP ranks' statistics to their shard. Any MONAI norm name works ('batch', 'instance').
     "norm": None,
     "dropout": 0.0,
-    "output": "tanh",  # or 'clamp': a linear output clamped to [-1, 1] at inference only
-    "masked_loss": False,  # learn only inside the mask (e.g. where the MR has data); off learns the background too
-    "ssim_weight": 0.0,
-    "lr": 2e-4,
-    "weight_decay": 1e-4,
-    "betas": [0.9, 0.999],
 }
-OUTPUTS = ("tanh", "clamp")
+ATTENTION_UNET_DEFAULTS: dict[str, Any] = {"channels": [32, 64, 128, 256], "strides": [2, 2, 2], "dropout": 0.0}
 
 
-@register_method("unet", "Regression UNet (L1, optional SSIM): one deterministic translation per slice")
-class UNetMethod(Method):
-    """Source slices in, target slice out, learned with L1 over the slice or, with `masked_loss`,
-    only inside the mask (where the source has data and the body is)."""
+def checked_settings(name: str, defaults: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The defaults updated by `config`; an unknown key is an error rather than a silently ignored typo."""
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise CrossdiffError(f"unknown {name} settings: {', '.join(unknown)} (known: {', '.join(defaults)})")
+    return {**defaults, **config}
 
-    name: ClassVar[str] = "unet"
+
+def adamw(parameters: Iterable[nn.Parameter], config: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW with the method's `lr`, `weight_decay` and `betas` (OPTIMISER_DEFAULTS)."""
+    return torch.optim.AdamW(
+        parameters,
+        lr=float(config["lr"]),
+        weight_decay=float(config["weight_decay"]),
+        betas=tuple(float(b) for b in config["betas"]),  # type: ignore[arg-type]
+    )
+
+
+def refuse_sampling(name: str, samples: int, options: dict[str, Any]) -> None:
+    """Deterministic methods take no translation options and draw exactly once."""
+    if options:
+        raise CrossdiffError(f"{name} takes no translation options (got {', '.join(sorted(options))})")
+    if samples != 1:
+        raise CrossdiffError(f"{name} is deterministic: it draws one translation, not several samples")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class RegressionMethod(Method):
+    """Source slices in, target slice out, learned with the reconstruction loss over the slice or, with
+    `masked_loss`, only inside the mask (where the source has data and the body is). Subclasses build
+    the network (`build_network`) from their `defaults`."""
+
     stochastic: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = REGRESSION_DEFAULTS
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
-        unknown = sorted(set(config) - set(DEFAULTS))
-        if unknown:
-            raise CrossdiffError(f"unknown unet settings: {', '.join(unknown)} (known: {', '.join(DEFAULTS)})")
-        super().__init__({**DEFAULTS, **config}, data)
+        super().__init__(checked_settings(self.name, self.defaults, config), data)
         if self.config["output"] not in OUTPUTS:
-            raise CrossdiffError(f"unet output must be one of {', '.join(OUTPUTS)}, not {self.config['output']!r}")
-        self.net = UNet(
+            raise CrossdiffError(f"{self.name} output must be one of {', '.join(OUTPUTS)}, not {self.config['output']!r}")
+        self.net = self.build_network()
+        # training-only parts, made when the loop asks for the optimisers: inference needs neither
+        self._optimizers: dict[str, tuple[torch.optim.Optimizer, list[str]]] | None = None
+        self.reconstruction: ReconstructionLoss | None = None
+
+    @abstractmethod
+    def build_network(self) -> nn.Module:
+        """The source -> target network, from `self.config` and `self.data`."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+        if self._optimizers is None:
+            # the loop has moved the networks to the training device before asking
+            self.reconstruction = ReconstructionLoss.from_config(self.config).to(module_device(self.net))
+            self._optimizers = self.make_optimizers()
+        return self._optimizers
+
+    def make_optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+        return {"net": (adamw(self.net.parameters(), self.config), ["net"])}
+
+    def _predict(self, source: torch.Tensor) -> torch.Tensor:
+        raw = self.net(source)
+        return torch.tanh(raw) if self.config["output"] == "tanh" else raw
+
+    def _reconstruction_loss(
+        self, prediction: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        assert self.reconstruction is not None, "optimizers() builds the training loss"
+        weight = batch["mask"] if self.config["masked_loss"] else None
+        return self.reconstruction(prediction, batch["target"], weight)
+
+    def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
+        loss, terms = self._reconstruction_loss(self._predict(batch["source"]), batch)
+        context.optimize("net", loss)
+        return {"loss": float(loss.detach()), **{key: float(value.detach()) for key, value in terms.items()}}
+
+    @torch.no_grad()
+    def translate(
+        self, source: torch.Tensor, generator: torch.Generator, samples: int = 1, **options: Any
+    ) -> Translation:
+        refuse_sampling(self.name, samples, options)
+        prediction = self._predict(source).float().clamp(-1.0, 1.0)
+        return Translation(samples=prediction[None], nfe=1)
+
+
+@register_method("unet", "Regression UNet (L1, optional SSIM/perceptual): one deterministic translation per slice")
+class UNetMethod(RegressionMethod):
+    name: ClassVar[str] = "unet"
+    defaults: ClassVar[dict[str, Any]] = {**UNET_DEFAULTS, **REGRESSION_DEFAULTS}
+
+    def build_network(self) -> nn.Module:
+        return UNet(
             spatial_dims=2,
-            in_channels=data.source_channels,
-            out_channels=data.target_channels,
+            in_channels=self.data.source_channels,
+            out_channels=self.data.target_channels,
             channels=list(self.config["channels"]),
             strides=list(self.config["strides"]),
             num_res_units=int(self.config["num_res_units"]),
             norm=self.config["norm"],
             dropout=float(self.config["dropout"]),
         )
-        self.optimizer: torch.optim.Optimizer | None = None  # made when training asks: inference needs none
-        self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0) if self.config["ssim_weight"] > 0 else None
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
 
-    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
-        if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(
-                self.net.parameters(),
-                lr=float(self.config["lr"]),
-                weight_decay=float(self.config["weight_decay"]),
-                betas=tuple(float(b) for b in self.config["betas"]),
-            )
-        return {"net": (self.optimizer, ["net"])}
+@register_method("attention-unet", "Regression Attention UNet (Oktay et al.; L1, optional SSIM/perceptual): deterministic")
+class AttentionUNetMethod(RegressionMethod):
+    """The same regression with attention gates on the skip connections (MONAI `AttentionUnet`)."""
 
-    def _predict(self, source: torch.Tensor) -> torch.Tensor:
-        raw = self.net(source)
-        return torch.tanh(raw) if self.config["output"] == "tanh" else raw
+    name: ClassVar[str] = "attention-unet"
+    defaults: ClassVar[dict[str, Any]] = {**ATTENTION_UNET_DEFAULTS, **REGRESSION_DEFAULTS}
 
-    def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
-        prediction = self._predict(batch["source"])
-        weight = batch["mask"] if self.config["masked_loss"] else torch.ones_like(batch["mask"])
-        l1 = ((prediction - batch["target"]).abs() * weight).sum() / weight.sum().clamp_min(1.0)
-        losses = {"l1": l1}
-        if self.ssim is not None:
-            losses["ssim"] = self.ssim(prediction.float(), batch["target"].float())
-        loss = l1 + self.config["ssim_weight"] * losses.get("ssim", 0.0)
-        context.optimize("net", loss)
-        return {"loss": float(loss.detach()), **{key: float(value.detach()) for key, value in losses.items()}}
-
-    @torch.no_grad()
-    def translate(
-        self, source: torch.Tensor, generator: torch.Generator, samples: int = 1, **options: Any
-    ) -> Translation:
-        if options:
-            raise CrossdiffError(f"unet takes no translation options (got {', '.join(sorted(options))})")
-        if samples != 1:
-            raise CrossdiffError("unet is deterministic: it draws one translation, not several samples")
-        prediction = self._predict(source).float().clamp(-1.0, 1.0)
-        return Translation(samples=prediction[None], nfe=1)
+    def build_network(self) -> nn.Module:
+        return AttentionUnet(
+            spatial_dims=2,
+            in_channels=self.data.source_channels,
+            out_channels=self.data.target_channels,
+            channels=list(self.config["channels"]),
+            strides=list(self.config["strides"]),
+            dropout=float(self.config["dropout"]),
+        )
