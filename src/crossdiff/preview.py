@@ -38,6 +38,11 @@ def save_panels(panels: list[Panel], path: str | Path, title: str | None = None,
         figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.02)
     if title:
         figure.suptitle(title, fontsize=11)
+    return save_figure(figure, path)
+
+
+def save_figure(figure: plt.Figure, path: str | Path) -> Path:
+    """Lay out, write as PNG atomically (a failed write leaves no partial image), and free the figure."""
     figure.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

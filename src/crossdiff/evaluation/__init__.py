@@ -1,1 +1,2 @@
-"""Evaluation: image-similarity metrics with the definitions the field compares against."""
+"""Evaluation: metrics with the definitions the field compares against, statistics, robustness,
+sample variability, cost, FID, figures and reports; `crossdiff evaluate` and `crossdiff benchmark`."""

@@ -1,24 +1,60 @@
-"""Synthetic-CT metrics with the SynthRAD2023 definitions (its public `image_metrics.py`), so our
-numbers are comparable with the challenge's and the papers that report against it.
+"""Synthetic-image metrics with the definitions the field compares against, so our numbers are
+comparable with the SynthRAD challenges and the papers that report against them.
 
-All three work on HU volumes with a body mask:
-- MAE = sum(|ct - sct| * mask) / sum(mask), not clipped;
+SynthRAD2023 (its public `image_metrics.py`), on HU volumes with a body mask:
+- MAE = sum(|ct - sct| * mask) / sum(mask), not clipped; ME (bias) = mean(sct - ct) inside the mask;
 - PSNR: both clipped to [-1024, 3000], masked voxels only, data range 4024;
 - SSIM: both clipped, outside-mask voxels set to -1024, shifted by +1024, 3-D SSIM map with data range
   4024, averaged inside the mask.
+SynthRAD2025 clips to [-1024, 3071] (data range 4095) and replaces SSIM by a masked 3-D MS-SSIM
+(`crossdiff.evaluation.msssim`).
+
+Targets without HU (MR, PET) are compared on a normalised [0, 1] scale: both images go through the
+*reference's* 0.5-99.5 percentile window inside the mask, clipped to [0, 1] (data range 1, background 0).
+One window for both keeps a global brightness error visible, which normalising each image by its own
+maximum (SynDiff's practice) would hide.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.evaluation.msssim import masked_ms_ssim
 
 HU_RANGE = (-1024.0, 3000.0)
 SSIM_WINDOW = 7  # scikit-image's default 7x7x7 window, as SynthRAD uses it
+NORMALISED_RANGE = (0.0, 1.0)
+NORMALISING_PERCENTILES = (0.5, 99.5)  # the window crossdiff's MR scaling uses (crossdiff.intensity)
+
+# Tissue classes of the reference CT for per-class MAE. No single convention exists (published sCT
+# studies put the bone threshold anywhere from 150 to 300 HU); these follow the physics:
+# - air below -500 HU: halfway between air (-1000) and water (0), so partial-volume voxels at gas
+#   pockets, sinuses and lung go to the side they are closer to; the same threshold as our CT body mask;
+# - bone from 300 HU: above every non-enhanced soft tissue (fat -100, muscle and organs 10-80, blood
+#   ~50) and above most contrast-enhanced vessels, and at the low end of cancellous bone (300-700);
+# - soft tissue: everything in between.
+AIR_BELOW_HU = -500.0
+BONE_FROM_HU = 300.0
+TISSUES = ("air", "soft_tissue", "bone")
+
+
+@dataclass(frozen=True)
+class Standard:
+    """A published metric definition: the HU clip range and the structural-similarity variant."""
+
+    name: str
+    hu_range: tuple[float, float]
+    structural: str  # "ssim" or "ms_ssim"
+
+
+STANDARDS = {
+    "synthrad2023": Standard("synthrad2023", HU_RANGE, "ssim"),
+    "synthrad2025": Standard("synthrad2025", (-1024.0, 3071.0), "ms_ssim"),
+}
 
 
 @dataclass(frozen=True)
@@ -31,8 +67,88 @@ class ImageMetrics:
         return {"mae": self.mae, "psnr": self.psnr, "ssim": self.ssim}
 
 
+@dataclass(frozen=True)
+class CaseMetrics:
+    """One case's metrics: `values` by name (mae, me, psnr, ssim or ms_ssim, and for CT mae_air,
+    mae_soft_tissue, mae_bone: NaN where the reference has no voxel of that class); `slices` the per-slice
+    MAE, ME and PSNR along the first array axis (for tests over slices); `scale` 'HU' or 'normalised [0, 1]'."""
+
+    values: dict[str, float]
+    slices: list[dict[str, float]] = field(default_factory=list)
+    scale: str = "HU"
+
+
 def synthrad_metrics(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> ImageMetrics:
     """MAE (HU), PSNR (dB) and SSIM of `prediction` against `reference` inside `mask`, SynthRAD2023 style."""
+    inside = _checked_mask(reference, prediction, mask)
+    reference, prediction = reference.astype(np.float64), prediction.astype(np.float64)
+    low, high = HU_RANGE
+    ref_clipped, pred_clipped = np.clip(reference, low, high), np.clip(prediction, low, high)
+    return ImageMetrics(
+        float(np.abs(reference - prediction)[inside].mean()),
+        _psnr(ref_clipped, pred_clipped, inside, high - low),
+        _masked_ssim(ref_clipped, pred_clipped, inside, low, high),
+    )
+
+
+def case_metrics(
+    reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, standard: str = "synthrad2023", hounsfield: bool = True
+) -> CaseMetrics:
+    """All metrics of one case under `standard`; `hounsfield=False` compares on the normalised [0, 1] scale."""
+    if standard not in STANDARDS:
+        raise CrossdiffError(f"unknown metric standard {standard!r}; choose from {', '.join(STANDARDS)}")
+    chosen = STANDARDS[standard]
+    inside = _checked_mask(reference, prediction, mask)
+    reference, prediction = reference.astype(np.float64), prediction.astype(np.float64)
+    if hounsfield:
+        (low, high), raw_ref, raw_pred = chosen.hu_range, reference, prediction
+    else:
+        (low, high), raw_ref, raw_pred = NORMALISED_RANGE, *normalise_pair(reference, prediction, inside)
+    ref_clipped, pred_clipped = np.clip(raw_ref, low, high), np.clip(raw_pred, low, high)
+    difference = raw_pred - raw_ref
+    values = {
+        "mae": float(np.abs(difference)[inside].mean()),
+        "me": float(difference[inside].mean()),
+        "psnr": _psnr(ref_clipped, pred_clipped, inside, high - low),
+    }
+    if chosen.structural == "ssim":
+        values["ssim"] = _masked_ssim(ref_clipped, pred_clipped, inside, low, high)
+    else:
+        values["ms_ssim"] = masked_ms_ssim(ref_clipped, pred_clipped, inside, low, high)
+    if hounsfield:
+        values |= tissue_mae(raw_ref, raw_pred, inside)
+    slices = _slice_metrics(difference, ref_clipped, pred_clipped, inside, high - low)
+    return CaseMetrics(values, slices, "HU" if hounsfield else "normalised [0, 1]")
+
+
+def normalise_pair(reference: np.ndarray, prediction: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both images through the reference's percentile window inside the mask, onto [0, 1] (clipped)."""
+    low, high = np.percentile(reference[inside], NORMALISING_PERCENTILES)
+    if not high > low:
+        raise CrossdiffError(f"the reference is constant ({low:g}) inside the mask: no intensity scale to normalise by")
+
+    def scaled(image: np.ndarray) -> np.ndarray:
+        return np.clip((image - low) / (high - low), 0.0, 1.0)
+
+    return scaled(reference), scaled(prediction)
+
+
+def tissue_mae(reference: np.ndarray, prediction: np.ndarray, inside: np.ndarray) -> dict[str, float]:
+    """MAE inside the mask per tissue class of the reference (HU thresholds above); NaN for an absent class."""
+    classes = {
+        "air": reference < AIR_BELOW_HU,
+        "soft_tissue": (reference >= AIR_BELOW_HU) & (reference < BONE_FROM_HU),
+        "bone": reference >= BONE_FROM_HU,
+    }
+    error = np.abs(prediction - reference)
+    result = {}
+    for name, region in classes.items():
+        selected = region & inside
+        result[f"mae_{name}"] = float(error[selected].mean()) if selected.any() else float("nan")
+    return result
+
+
+def _checked_mask(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if reference.shape != prediction.shape or reference.shape != mask.shape:
         raise CrossdiffError(f"shapes differ: reference {reference.shape}, prediction {prediction.shape}, mask {mask.shape}")
     if min(reference.shape) < SSIM_WINDOW:
@@ -40,14 +156,34 @@ def synthrad_metrics(reference: np.ndarray, prediction: np.ndarray, mask: np.nda
     inside = mask.astype(bool)
     if not inside.any():
         raise CrossdiffError("the mask is empty: nothing to compare")
-    low, high = HU_RANGE
-    data_range = high - low
-    reference = reference.astype(np.float64)
-    prediction = prediction.astype(np.float64)
-    mae = float(np.abs(reference - prediction)[inside].mean())
-    ref_clipped, pred_clipped = np.clip(reference, low, high), np.clip(prediction, low, high)
-    psnr = float(peak_signal_noise_ratio(ref_clipped[inside], pred_clipped[inside], data_range=data_range))
-    ref_ssim = np.where(inside, ref_clipped, low) - low
-    pred_ssim = np.where(inside, pred_clipped, low) - low
-    _, ssim_map = structural_similarity(ref_ssim, pred_ssim, data_range=data_range, full=True)
-    return ImageMetrics(mae, psnr, float(ssim_map[inside].mean()))
+    return inside
+
+
+def _psnr(reference: np.ndarray, prediction: np.ndarray, inside: np.ndarray, data_range: float) -> float:
+    return float(peak_signal_noise_ratio(reference[inside], prediction[inside], data_range=data_range))
+
+
+def _masked_ssim(reference: np.ndarray, prediction: np.ndarray, inside: np.ndarray, low: float, high: float) -> float:
+    """SynthRAD's SSIM: background set to the range's floor, shifted to start at 0, 3-D map averaged inside."""
+    ref_ssim = np.where(inside, reference, low) - low
+    pred_ssim = np.where(inside, prediction, low) - low
+    _, ssim_map = structural_similarity(ref_ssim, pred_ssim, data_range=high - low, full=True)
+    return float(ssim_map[inside].mean())
+
+
+def _slice_metrics(
+    difference: np.ndarray, ref_clipped: np.ndarray, pred_clipped: np.ndarray, inside: np.ndarray, data_range: float
+) -> list[dict[str, float]]:
+    """MAE, ME and PSNR of every slice (first axis) that holds mask voxels."""
+    rows = []
+    for index in np.flatnonzero(inside.any(axis=(1, 2))):
+        region = inside[index]
+        squared = float(np.mean((ref_clipped[index][region] - pred_clipped[index][region]) ** 2))
+        rows.append({
+            "slice": int(index),
+            "voxels": int(region.sum()),
+            "mae": float(np.abs(difference[index][region]).mean()),
+            "me": float(difference[index][region].mean()),
+            "psnr": float(10 * np.log10(data_range**2 / squared)) if squared > 0 else float("inf"),
+        })
+    return rows

@@ -1,0 +1,309 @@
+"""`crossdiff benchmark`: train every listed method on the same split with the same budget, translate the
+held-out cases, and score them, so methods are compared on equal terms.
+
+Training goes through the `crossdiff train` command (a subprocess per run, exactly what a user runs),
+so the benchmark measures the real code path. Everything lands in OUT, laid out so that
+`crossdiff evaluate --pred OUT/translations/METHOD --ref OUT/cases/reference --mask OUT/cases/mask`
+repeats the scoring:
+
+    folds/FOLD/manifest.json         the split of each fold (held-out cases 'test', the rest 'train')
+    runs/FOLD/METHOD/                training runs (checkpoints, metrics.jsonl)
+    cases/{source,reference,mask}/   the held-out cases on the reference grid (central slab if asked)
+    translations/METHOD/CASE.nii.gz  uncertainty/METHOD/CASE.nii.gz (stochastic methods, >= 2 draws)
+    records/METHOD/CASE.json         metrics, cost, sample variability; CASE.noise.json
+An interrupted run, started again, reuses finished training runs (and resumes unfinished ones from their
+last checkpoint) and finished translations: a record is written last, only when its case is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from crossdiff import checkpoints
+from crossdiff.atomic import write_json, write_text
+from crossdiff.data.cases import PreparedCase, family_of, prepare_case
+from crossdiff.data.layouts import scan
+from crossdiff.data.manifest import Manifest, load_manifest, save_manifest
+from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.evaluation.benchmark_config import LEAVE_ONE_OUT, BenchmarkConfig, MethodEntry
+from crossdiff.evaluation.cost import measure, parameter_count, training_seconds_per_step
+from crossdiff.evaluation.evaluate import plain_json
+from crossdiff.evaluation.metrics import case_metrics
+from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
+from crossdiff.evaluation.robustness import noise_robustness
+from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
+from crossdiff.inference import LoadedModel, load_model, translate_volume
+from crossdiff.training import resolve_device
+from crossdiff.volumes import Geometry, Volume, write_volume
+
+TRAIN_CONFIG = "benchmark-config.yaml"
+TRAIN_RECORD = "benchmark-train.json"
+
+
+@dataclass(frozen=True)
+class CaseRun:
+    """One method on one held-out case: metrics, per-slice metrics, cost, variability and noise rows."""
+
+    method: str
+    fold: str
+    case: str
+    metrics: dict[str, float]
+    slices: list[dict[str, float]]
+    cost: dict[str, Any]
+    variability: dict[str, Any] | None
+    noise: list[dict[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A benchmarked method; the training figures hold one entry per fold where they are known."""
+
+    name: str
+    method: str
+    stochastic: bool
+    parameters: int
+    train_seconds_per_step: list[float] = field(default_factory=list)
+    train_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    config: BenchmarkConfig
+    out: Path
+    folds: dict[str, list[str]]
+    runs: list[CaseRun]
+    methods: dict[str, MethodInfo]
+    hounsfield: bool
+
+
+def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> BenchmarkResult:
+    """Train, translate and score every (fold, method, held-out case), reusing what a previous run finished."""
+    manifest = _dataset(config)
+    folds = _folds(config, manifest)
+    device = resolve_device(config.train["training"].get("device"))
+    hounsfield = family_of(config.target) == "CT"
+    runs, methods = [], {}
+    for fold, held_out in folds.items():
+        fold_manifest = _fold_manifest(manifest, held_out, out / "folds" / fold / "manifest.json")
+        for entry in config.methods:
+            run_dir = out / "runs" / fold / entry.name
+            train_seconds = _train(config, entry, fold_manifest, run_dir, log)
+            model = load_model(run_dir, device)
+            info = methods.setdefault(
+                entry.name, MethodInfo(entry.name, entry.method, model.method.stochastic, parameter_count(model.method))
+            )
+            per_step = training_seconds_per_step(run_dir)
+            info.train_seconds_per_step.extend([] if per_step is None else [per_step])
+            info.train_seconds.extend([] if train_seconds is None else [train_seconds])
+            for index, case_id in enumerate(held_out):
+                case = _held_out_case(config, manifest, case_id, model, out)
+                with_noise = index == 0 and bool(config.evaluation["noise_levels"])
+                runs.append(_case_run(config, entry.name, fold, case, model, out, with_noise, hounsfield, log))
+    return BenchmarkResult(config, out, folds, runs, methods, hounsfield)
+
+
+# --------------------------------------------------------------------------------------- data, folds
+
+
+def _dataset(config: BenchmarkConfig) -> Manifest:
+    if not config.data.exists():
+        raise InputError(config.data, f"does not exist (the 'data' of {config.path})")
+    if config.data.is_file() and config.data.name.lower().endswith(MANIFEST_SUFFIXES):
+        return load_manifest(config.data)
+    return scan(config.data, layout=config.layout)
+
+
+def _folds(config: BenchmarkConfig, manifest: Manifest) -> dict[str, list[str]]:
+    paired = manifest.cases_with(config.source, config.target)
+    if len(paired) < 2:
+        raise InputError(config.data, f"needs at least two cases with both {config.source} and {config.target}")
+    if config.test == LEAVE_ONE_OUT:
+        return {case_id: [case_id] for case_id in paired}
+    missing = [case_id for case_id in config.test if case_id not in paired]
+    if missing:
+        raise InputError(config.path, f"test case(s) {', '.join(missing)} are not cases of {config.data} with both "
+                                      f"{config.source} and {config.target} (cases: {', '.join(paired)})")
+    if len(config.test) == len(paired):
+        raise InputError(config.path, "every case is held out: nothing is left to train on")
+    return {"+".join(config.test): list(config.test)}
+
+
+def _fold_manifest(manifest: Manifest, held_out: list[str], path: Path) -> Path:
+    fold = Manifest({cid: replace(entry, split="test" if cid in held_out else "train") for cid, entry in manifest.cases.items()})
+    save_manifest(fold, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _train(
+    config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, log: Callable[[str], None]
+) -> float | None:
+    """Train through `crossdiff train` unless a finished run with the same settings is there; resume an
+    unfinished one. Returns the training seconds (None when they are unknown for a reused run)."""
+    record = run_dir / TRAIN_RECORD
+    settings = yaml.safe_dump({"method": entry.config, **config.train}, sort_keys=True)
+    saved = run_dir / TRAIN_CONFIG
+    if saved.is_file() and saved.read_text(encoding="utf-8") != settings:
+        raise CrossdiffError(f"{run_dir} was trained with other settings than {config.path} gives now; "
+                             "delete that folder or choose another --out")
+    if record.is_file():
+        log(f"reusing the finished run {run_dir}")
+        return json.loads(record.read_text(encoding="utf-8")).get("seconds")
+    write_text(saved, settings)
+    command = [sys.executable, "-m", "crossdiff", "train", "--method", entry.method, "--manifest", str(manifest),
+               "--source", config.source, "--target", config.target, "--out", str(run_dir)]
+    resuming = checkpoints.latest_checkpoint(run_dir) is not None
+    command += ["--resume"] if resuming else ["--config", str(saved)]
+    log(f"{'resuming' if resuming else 'training'} {entry.name} in {run_dir}")
+    start = time.perf_counter()
+    finished = subprocess.run(command, check=False)
+    if finished.returncode != 0:
+        raise CrossdiffError(f"training {entry.name} failed (exit code {finished.returncode}; its message is above); "
+                             "run the benchmark again to resume from the last checkpoint")
+    seconds = None if resuming else time.perf_counter() - start  # a resumed run's earlier part went unmeasured
+    write_json(record, {"seconds": seconds, "command": command})
+    return seconds
+
+
+# --------------------------------------------------------------------------------------- held-out cases
+
+
+@dataclass(frozen=True)
+class HeldOutCase:
+    case_id: str
+    source: Volume
+    reference: Volume
+    mask: np.ndarray
+
+
+def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, model: LoadedModel, out: Path) -> HeldOutCase:
+    """The case prepared as the model's training data was (registration included), on the reference grid,
+    cut to the central slab when `evaluation.slices` asks; saved under OUT/cases for `crossdiff evaluate`."""
+    preparation = replace(model.spec.preparation, modalities=[config.source, config.target], reference=config.target)
+    prepared = prepare_case(case_id, manifest.cases[case_id], preparation, out / "cache")
+    start, stop = _slab_range(prepared, config.evaluation["slices"])
+    source, reference = (_slab(prepared.physical(key), start, stop) for key in (config.source, config.target))
+    mask = prepared.mask[start:stop]
+    for kind, volume in (("source", source), ("reference", reference), ("mask", reference.with_array(mask.astype(np.uint8)))):
+        target = out / "cases" / kind / f"{case_id}.nii.gz"
+        if not target.is_file():
+            write_volume(volume, target)
+    return HeldOutCase(case_id, source, reference, mask)
+
+
+def _slab_range(case: PreparedCase, slices: int | None) -> tuple[int, int]:
+    """All slices, or `slices` consecutive ones centred in the mask's extent along the first axis."""
+    depth = case.mask.shape[0]
+    if slices is None or slices >= depth:
+        return 0, depth
+    filled = np.flatnonzero(case.mask.any(axis=(1, 2)))
+    centre = int(filled[len(filled) // 2])
+    start = min(max(0, centre - slices // 2), depth - slices)
+    return start, start + slices
+
+
+def _slab(volume: Volume, start: int, stop: int) -> Volume:
+    """Slices start:stop (first array axis) with the origin moved so that they stay where they are in space."""
+    if (start, stop) == (0, volume.shape[0]):
+        return volume
+    g = volume.geometry
+    direction = np.array(g.direction).reshape(3, 3)
+    origin = tuple(float(v) for v in np.array(g.origin) + direction[:, 2] * g.spacing[2] * start)
+    geometry = Geometry((g.size[0], g.size[1], stop - start), g.spacing, origin, g.direction)  # type: ignore[arg-type]
+    return Volume(np.ascontiguousarray(volume.array[start:stop]), geometry, volume.modality, volume.units)
+
+
+# ------------------------------------------------------------------------------- translation, scoring
+
+
+def _case_run(
+    config: BenchmarkConfig, name: str, fold: str, case: HeldOutCase, model: LoadedModel, out: Path,
+    with_noise: bool, hounsfield: bool, log: Callable[[str], None],
+) -> CaseRun:
+    record = out / "records" / name / f"{case.case_id}.json"
+    if record.is_file():
+        log(f"reusing the scored translation {record}")
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    else:
+        log(f"translating {case.case_id} with {name}")
+        saved = _translate_and_score(config, name, case, model, out, hounsfield)
+        write_json(record, plain_json(saved))
+    noise = _noise(config, name, case, model, out, hounsfield, log) if with_noise else None
+    return CaseRun(name, fold, case.case_id, saved["metrics"], saved["slices"], saved["cost"], saved["variability"], noise)
+
+
+def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path,
+                         hounsfield: bool) -> dict[str, Any]:
+    settings = config.evaluation
+    samples = settings["samples"] if model.method.stochastic else 1
+    mask_volume = case.reference.with_array(case.mask.astype(np.uint8), modality="mask")
+    result, measured = measure(
+        lambda: translate_volume(model, case.source, samples=samples, mask=mask_volume, seed=settings["seed"],
+                                 keep_samples=samples > 1),
+        model.device,
+    )
+    reference = case.reference.array
+    metrics = case_metrics(reference, result.mean.array, case.mask, settings["metrics"], hounsfield=hounsfield)
+    write_volume(result.mean, out / "translations" / name / f"{case.case_id}.nii.gz")
+    variability = None
+    if result.std is not None and result.samples is not None:
+        write_volume(result.std, out / "uncertainty" / name / f"{case.case_id}.nii.gz")
+        variability = _variability(result.samples, result.std.array, result.mean.array, case, settings["metrics"], hounsfield)
+    translated_slices = int(case.mask.any(axis=(1, 2)).sum())
+    cost = {"seconds": measured.seconds, "slices": translated_slices, "s_per_slice": measured.seconds / translated_slices,
+            "nfe": result.nfe, "samples": samples, "peak_memory_bytes": measured.peak_memory_bytes,
+            "memory": measured.memory_kind}
+    return {"metrics": metrics.values, "slices": metrics.slices, "scale": metrics.scale, "cost": cost, "variability": variability}
+
+
+def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: HeldOutCase, standard: str,
+                 hounsfield: bool) -> dict[str, Any]:
+    """Metric spread over the single draws, and how the std map relates to the error of the mean."""
+    def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+        return case_metrics(reference, prediction, mask, standard, hounsfield=hounsfield).values
+
+    reference = case.reference.array
+    spread = sample_spread([draw.array for draw in draws], reference, case.mask, score)
+    error = mean.astype(np.float64) - reference
+    correlation = uncertainty_error_correlation(std, error, case.mask)
+    bins = calibration_table(std, error, case.mask)
+    return {
+        "draws": len(draws),
+        "spread": {metric: {"mean": m, "sd": s} for metric, (m, s) in spread.items()},
+        "spearman": {"rho": correlation.rho, "p_value": correlation.p_value, "voxels": correlation.voxels},
+        "calibration": [vars(b) for b in bins],
+    }
+
+
+def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path, hounsfield: bool,
+           log: Callable[[str], None]) -> list[dict[str, Any]]:
+    record = out / "records" / name / f"{case.case_id}.noise.json"
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8"))
+    settings = config.evaluation
+    log(f"noise robustness of {name} on {case.case_id}")
+    mask_volume = case.reference.with_array(case.mask.astype(np.uint8), modality="mask")
+
+    def translate(source: Volume) -> Volume:
+        return translate_volume(model, source, mask=mask_volume, seed=settings["seed"]).mean
+
+    def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+        return case_metrics(reference, prediction, mask, settings["metrics"], hounsfield=hounsfield).values
+
+    rows = noise_robustness(translate, case.source, case.reference.array, case.mask, score,
+                            settings["noise_levels"], seed=settings["seed"])
+    payload = [{"level": r.level, "sigma": r.sigma, "scores": r.scores, "drop": r.drop} for r in rows]
+    write_json(record, plain_json(payload))
+    return payload

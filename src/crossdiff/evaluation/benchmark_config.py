@@ -1,0 +1,168 @@
+"""The benchmark's YAML: which data, which held-out cases, which methods, one training budget for all.
+
+```yaml
+data: ../data/sarcoma-ct-mr-pet      # dataset folder or manifest, relative to this file
+layout: modality-folders              # optional; detected otherwise
+source: mr
+target: ct
+test: [STS_003]                       # held-out cases (one split), or `test: leave-one-out` (one fold per case)
+methods:
+  - {method: unet}
+  - {method: cddpm, name: cddpm-ddim20, config: {sampler: ddim, steps: 20}}
+train:                                # `crossdiff train --config` sections shared by every method
+  slices: {size: [64, 64], fit: resize}
+  preparation: {registration: rigid}
+  training: {steps: 2000, batch_size: 8}
+evaluation:
+  metrics: synthrad2023               # or synthrad2025
+  slices: null                        # translate only this many central slices per test case (null: all)
+  samples: 4                          # draws of stochastic methods: output = their mean, std = uncertainty
+  noise_levels: [0.03, 0.09, 0.15, 0.21]   # noise robustness on each fold's first test case ([] skips it)
+  fid_features: null                  # a .pt2 feature extractor for FID (null: FID not computed)
+  seed: 0
+quick:                                # merged over the above with --quick
+  train: {training: {steps: 20}}
+  evaluation: {slices: 8, noise_levels: [0.09]}
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crossdiff.errors import InputError
+from crossdiff.evaluation.metrics import STANDARDS
+
+TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick")
+TRAIN_SECTIONS = ("slices", "preparation", "training")
+EVALUATION_DEFAULTS: dict[str, Any] = {
+    "metrics": "synthrad2023", "slices": None, "samples": 1, "noise_levels": [], "fid_features": None, "seed": 0,
+}
+LEAVE_ONE_OUT = "leave-one-out"
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One benchmarked method: a registered `method`, its `name` in tables, its method section."""
+
+    method: str
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    path: Path
+    data: Path
+    layout: str | None
+    source: str
+    target: str
+    test: list[str] | str
+    methods: list[MethodEntry]
+    train: dict[str, dict[str, Any]]
+    evaluation: dict[str, Any]
+
+    @property
+    def fid_features(self) -> Path | None:
+        value = self.evaluation["fid_features"]
+        return None if value is None else _relative(self.path, value)
+
+
+def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
+    """Read and check the YAML; every problem is an InputError naming the file."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise InputError(path, "does not exist") from None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise InputError(path, f"cannot be read as YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise InputError(path, "must be a YAML mapping")
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise InputError(path, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL)}")
+    overrides = raw.pop("quick", None) or {}
+    if quick:
+        raw = _merged(raw, overrides)
+    for key in ("data", "source", "target", "test", "methods"):
+        if key not in raw:
+            raise InputError(path, f"needs a {key!r} entry")
+    return BenchmarkConfig(
+        path=path,
+        data=_relative(path, raw["data"]),
+        layout=raw.get("layout"),
+        source=str(raw["source"]).lower(),
+        target=str(raw["target"]).lower(),
+        test=_test_cases(path, raw["test"]),
+        methods=_methods(path, raw["methods"]),
+        train=_train_sections(path, raw.get("train") or {}),
+        evaluation=_evaluation(path, raw.get("evaluation") or {}),
+    )
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merged key by key, anything else replaced."""
+    result = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _relative(config: Path, value: Any) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(config.parent / path))
+
+
+def _test_cases(path: Path, value: Any) -> list[str] | str:
+    if value == LEAVE_ONE_OUT:
+        return LEAVE_ONE_OUT
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InputError(path, f"'test' must list held-out case ids or be {LEAVE_ONE_OUT!r}")
+
+
+def _methods(path: Path, value: Any) -> list[MethodEntry]:
+    if not isinstance(value, list) or not value:
+        raise InputError(path, "'methods' must be a non-empty list of {method: NAME, name: ..., config: {...}}")
+    entries = []
+    for item in value:
+        item = {"method": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config"}:
+            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name' and 'config'")
+        entries.append(MethodEntry(str(item["method"]), str(item.get("name", item["method"])), dict(item.get("config") or {})))
+    names = [entry.name for entry in entries]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(path, f"method name(s) {', '.join(duplicates)} appear twice; give each entry its own 'name'")
+    return entries
+
+
+def _train_sections(path: Path, value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or set(value) - set(TRAIN_SECTIONS):
+        raise InputError(path, f"'train' may hold only the sections {', '.join(TRAIN_SECTIONS)}")
+    return {section: dict(value.get(section) or {}) for section in TRAIN_SECTIONS}
+
+
+def _evaluation(path: Path, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - set(EVALUATION_DEFAULTS):
+        raise InputError(path, f"'evaluation' may hold only {', '.join(EVALUATION_DEFAULTS)}")
+    settings = {**EVALUATION_DEFAULTS, **value}
+    if settings["metrics"] not in STANDARDS:
+        raise InputError(path, f"evaluation metrics must be one of {', '.join(STANDARDS)}")
+    if not isinstance(settings["samples"], int) or settings["samples"] < 1:
+        raise InputError(path, "evaluation samples must be a whole number >= 1")
+    if settings["slices"] is not None and (not isinstance(settings["slices"], int) or settings["slices"] < 7):
+        raise InputError(path, "evaluation slices must be null (all) or at least 7 (the SSIM window)")
+    settings["noise_levels"] = [float(level) for level in settings["noise_levels"] or []]
+    return settings

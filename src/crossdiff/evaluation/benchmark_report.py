@@ -1,0 +1,280 @@
+"""Tables, figures and the report of a benchmark run: results.csv (one row per method and case),
+summary.csv, tests.csv, cost.csv, figures/*.png, report.md and report.html."""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crossdiff.atomic import write_text
+from crossdiff.errors import CrossdiffError
+from crossdiff.evaluation import figures
+from crossdiff.evaluation.benchmark import BenchmarkResult, CaseRun
+from crossdiff.evaluation.evaluate import csv_text
+from crossdiff.evaluation.fid import FidResult, fid
+from crossdiff.evaluation.metrics import HU_RANGE, normalise_pair
+from crossdiff.evaluation.report import Section, Table, write_report
+from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
+from crossdiff.evaluation.variability import CalibrationBin
+from crossdiff.readers import read_mask, read_volume
+
+MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ms_ssim")
+SLICE_METRICS = ("mae", "psnr")
+
+
+def write_benchmark_report(result: BenchmarkResult) -> list[Path]:
+    """Every table, figure and the report into result.out; returns the files written."""
+    out = result.out
+    names = list(result.methods)
+    metrics = [m for m in result.runs[0].metrics]
+    tables = {
+        "results.csv": _results_rows(result.runs),
+        "summary.csv": _summary_rows(result.runs, names, metrics),
+        "tests.csv": [test.as_dict() for test in _tests(result.runs, names)],
+        "cost.csv": _cost_rows(result),
+    }
+    for file, rows in tables.items():
+        write_text(out / file, csv_text(rows))
+    fid_results = _fid(result, names)
+    drawn = _figures(result, names, out / "figures")
+    sections = _sections(result, names, tables, fid_results, drawn)
+    title = f"Benchmark: {result.config.source} -> {result.config.target}, {len(names)} methods"
+    report = write_report(out, title, sections, intro=_intro(result))
+    return [out / file for file in tables] + [path for path, _ in drawn.values()] + list(report)
+
+
+# -------------------------------------------------------------------------------------------- tables
+
+
+def _results_rows(runs: Sequence[CaseRun]) -> list[dict[str, Any]]:
+    keep = ("s_per_slice", "nfe", "samples")
+    return [{"method": r.method, "fold": r.fold, "case": r.case, **r.metrics, "s_per_volume": r.cost["seconds"],
+             **{k: r.cost[k] for k in keep}} for r in runs]
+
+
+def _summary_rows(runs: Sequence[CaseRun], names: list[str], metrics: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        mine = [r for r in runs if r.method == name]
+        for metric in metrics:
+            rows.append({"method": name, "metric": metric, **describe([r.metrics[metric] for r in mine]).as_dict()})
+    return rows
+
+
+def _by_method(runs: Sequence[CaseRun], names: list[str], metric: str, slices: bool) -> dict[str, dict[str, float]]:
+    values: dict[str, dict[str, float]] = {name: {} for name in names}
+    for run in runs:
+        if slices:
+            values[run.method] |= {f"{run.case}:{row['slice']}": row[metric] for row in run.slices}
+        else:
+            values[run.method][run.case] = run.metrics[metric]
+    return values
+
+
+def _tests(runs: Sequence[CaseRun], names: list[str]) -> list[PairedTest]:
+    """Paired Wilcoxon tests between every two methods: over cases for every main metric, over slices for MAE/PSNR."""
+    if len(names) < 2:
+        return []
+    tests = []
+    cases = len({r.case for r in runs})
+    for metric in [m for m in MAIN_METRICS if m in runs[0].metrics]:
+        for unit, per_slice in (("cases", False), ("slices", True)):
+            if (per_slice and metric not in SLICE_METRICS) or (not per_slice and cases < 2):
+                continue
+            try:
+                tests += pairwise_tests(metric, _by_method(runs, names, metric, per_slice), unit)
+            except CrossdiffError:
+                continue  # identical values (e.g. the same method twice): nothing to test
+    return tests
+
+
+def _cost_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
+    rows = []
+    for name, info in result.methods.items():
+        mine = [r.cost for r in result.runs if r.method == name]
+        rows.append({
+            "method": name,
+            "parameters": info.parameters,
+            "train_s_per_step": _mean(info.train_seconds_per_step),
+            "train_minutes": None if not info.train_seconds else _mean(info.train_seconds) / 60,
+            "s_per_volume": float(np.mean([c["seconds"] for c in mine])),
+            "s_per_slice": float(np.mean([c["s_per_slice"] for c in mine])),
+            "nfe_per_draw": mine[0]["nfe"],
+            "draws": mine[0]["samples"],
+            "peak_memory_mb": max(c["peak_memory_bytes"] for c in mine) / 2**20,
+            "memory": mine[0]["memory"],
+        })
+    return rows
+
+
+def _mean(values: list[float]) -> float | None:
+    """Mean over the folds where the value is known (a reused or resumed run may not know its time)."""
+    return float(np.mean(values)) if values else None
+
+
+# ----------------------------------------------------------------------------------------------- FID
+
+
+def _fid(result: BenchmarkResult, names: list[str]) -> dict[str, FidResult]:
+    """FID of each method's masked slices against the references', only with the configured extractor."""
+    extractor = result.config.fid_features
+    if extractor is None:
+        return {name: fid(np.empty(0), np.empty(0), None) for name in names}
+    results = {}
+    for name in names:
+        real, synthetic = [], []
+        for run in (r for r in result.runs if r.method == name):
+            reference, prediction, mask = _case_arrays(result, name, run.case)
+            a, b = _unit_scale(reference, prediction, mask, result.hounsfield)
+            filled = mask.any(axis=(1, 2))
+            real.append(a[filled])
+            synthetic.append(b[filled])
+        results[name] = fid(np.concatenate(real), np.concatenate(synthetic), extractor)
+    return results
+
+
+def _unit_scale(
+    reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, hounsfield: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    if not hounsfield:
+        return normalise_pair(reference, prediction, mask)
+    low, high = HU_RANGE
+    return tuple(np.clip((image - low) / (high - low), 0.0, 1.0) for image in (reference, prediction))  # type: ignore[return-value]
+
+
+def _case_arrays(result: BenchmarkResult, name: str, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    cases = result.out / "cases"
+    reference = read_volume(cases / "reference" / f"{case}.nii.gz")
+    prediction = read_volume(result.out / "translations" / name / f"{case}.nii.gz")
+    mask = read_mask(cases / "mask" / f"{case}.nii.gz", reference)
+    return reference.array.astype(np.float64), prediction.array.astype(np.float64), mask.array.astype(bool)
+
+
+# ------------------------------------------------------------------------------------------- figures
+
+
+def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
+    runs = result.runs
+    structural = "ssim" if "ssim" in runs[0].metrics else "ms_ssim"
+    units = "HU" if result.hounsfield else "normalised"
+    drawn = {"panels": (_panels(result, names, folder / "panels.png"), _panel_caption(result, runs[0].case))}
+    box = {m: {n: [r.metrics[m] for r in runs if r.method == n] for n in names} for m in ("mae", "psnr", structural)}
+    box["mae per slice"] = {n: [row["mae"] for r in runs if r.method == n for row in r.slices] for n in names}
+    drawn["box"] = (figures.box_plots(folder / "metrics.png", box), f"Metrics per held-out case (MAE per slice last; {units})")
+    mae = {n: float(np.mean([r.metrics["mae"] for r in runs if r.method == n])) for n in names}
+    seconds = {n: float(np.mean([r.cost["s_per_slice"] for r in runs if r.method == n])) for n in names}
+    nfe = {n: float(next(r.cost["nfe"] * r.cost["samples"] for r in runs if r.method == n)) for n in names}
+    drawn["speed"] = (figures.quality_vs_cost(folder / "mae-vs-seconds.png", {n: (seconds[n], mae[n]) for n in names},
+                                              "seconds per slice", f"MAE ({units})"), "Mean MAE against inference time")
+    drawn["nfe"] = (figures.quality_vs_cost(folder / "mae-vs-nfe.png", {n: (nfe[n], mae[n]) for n in names},
+                                            "network evaluations per slice (all draws)", f"MAE ({units})"),
+                    "Mean MAE against NFE")
+    curves = {r.method: [(row["level"], row["scores"]["mae"]) for row in r.noise] for r in runs if r.noise}
+    if curves:
+        drawn["noise"] = (figures.noise_curves(folder / "noise.png", curves, f"MAE ({units})"),
+                          "MAE against Gaussian noise added to the source (first held-out case of each fold)")
+    tables: dict[str, list[CalibrationBin]] = {}
+    for run in (r for r in runs if r.variability):
+        tables.setdefault(run.method, [CalibrationBin(**b) for b in run.variability["calibration"]])
+    if tables:
+        drawn["calibration"] = (figures.calibration_plot(folder / "calibration.png", tables, units),
+                                "Observed error against predicted std (first case of each stochastic method)")
+    return drawn
+
+
+def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
+    case = result.runs[0].case
+    cases = result.out / "cases"
+    source = read_volume(cases / "source" / f"{case}.nii.gz").array
+    reference = read_volume(cases / "reference" / f"{case}.nii.gz")
+    middle = reference.shape[0] // 2
+    predictions = {n: read_volume(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
+    uncertainty = None
+    for name in names:
+        file = result.out / "uncertainty" / name / f"{case}.nii.gz"
+        if file.is_file():
+            uncertainty = read_volume(file).array[middle]
+            break
+    mask = read_volume(cases / "mask" / f"{case}.nii.gz").array[middle]
+    spacing = reference.geometry.spacing
+    window = figures.CT_WINDOW if result.hounsfield else tuple(np.percentile(reference.array, [1, 99]))
+    error_max = 300.0 if result.hounsfield else float(window[1] - window[0]) / 2
+    return figures.comparison_panels(path, source[middle], reference.array[middle], predictions, uncertainty, mask,
+                                     window=window, error_max=error_max, aspect=spacing[1] / spacing[0])
+
+
+def _panel_caption(result: BenchmarkResult, case: str) -> str:
+    stochastic = [n for n, info in result.methods.items() if info.stochastic]
+    std = f"; uncertainty: std of the {stochastic[0]} draws" if stochastic and result.config.evaluation["samples"] > 1 else ""
+    return f"Central slice of {case}: source, reference, each method, each method's absolute error{std}"
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def _intro(result: BenchmarkResult) -> str:
+    config = result.config
+    training = config.train["training"]
+    folds = "; ".join(f"{fold}: held out {', '.join(cases)}" for fold, cases in result.folds.items())
+    machine = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    return (
+        f"Config {config.path.name}; data {config.data}. Folds: {folds}. Every method trained with the same sections "
+        f"(slices {config.train['slices'] or 'default'}, preparation {config.train['preparation'] or 'default'}, "
+        f"training {training or 'default'}).\n\n"
+        f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
+        f"{'' if result.hounsfield else ', on the normalised [0, 1] scale (reference percentile window)'}; "
+        f"ME is prediction minus reference. Machine: {machine}."
+    )
+
+
+def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[dict[str, Any]]],
+              fid_results: dict[str, FidResult], drawn: dict[str, tuple[Path, str]]) -> list[Section]:
+    summary = tables["summary.csv"]
+    metrics = list(dict.fromkeys(row["metric"] for row in summary))
+    overview = [{"method": n, **{m: _mean_sd(summary, n, m) for m in metrics}} for n in names]
+    cases = len({r.case for r in result.runs})
+    over_cases = (f"Over {cases} cases the smallest possible p-value is {2 / 2 ** cases:.3g}" if cases > 1
+                  else "With one held-out case there is no test over cases")
+    test_note = (f"Paired two-sided Wilcoxon signed-rank tests. {over_cases}; tests over slices treat the slices of one "
+                 "patient as independent, which they are not: read them as descriptive.")
+    sections = [
+        Section("Results", "Mean ± SD over the held-out cases.", [Table.from_records(overview)], [drawn["panels"], drawn["box"]]),
+        Section("Per case", "", [Table.from_records(tables["results.csv"])]),
+        Section("Statistical tests", test_note, [Table.from_records(tables["tests.csv"])] if tables["tests.csv"] else []),
+        Section("Cost", "Peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
+                [drawn["speed"], drawn["nfe"]]),
+    ]
+    if "noise" in drawn:
+        rows = [{"method": r.method, "case": r.case, "level": row["level"], **{f"drop_{k}": v for k, v in row["drop"].items()}}
+                for r in result.runs if r.noise for row in r.noise]
+        sections.append(Section("Noise robustness", "Drop: degradation from the clean source (positive = worse).",
+                                [Table.from_records(rows)], [drawn["noise"]]))
+    variability = [_variability_row(r) for r in result.runs if r.variability]
+    if variability:
+        sections.append(Section("Sample variability and uncertainty",
+                                "SD of each metric over the single draws; Spearman correlation of the per-voxel std "
+                                "with the absolute error of the mean inside the mask.",
+                                [Table.from_records(variability)], [drawn["calibration"]] if "calibration" in drawn else []))
+    fid_rows = [{"method": n, "fid": f.value, "note": f.note} for n, f in fid_results.items()]
+    sections.append(Section("FID", "", [Table.from_records(fid_rows)]))
+    return sections
+
+
+def _mean_sd(summary: list[dict[str, Any]], method: str, metric: str) -> str:
+    row = next(r for r in summary if r["method"] == method and r["metric"] == metric)
+    if row["n"] == 0:
+        return "n/a"
+    return f"{row['mean']:.4g}" + ("" if row["n"] < 2 else f" ± {row['sd']:.2g}")
+
+
+def _variability_row(run: CaseRun) -> dict[str, Any]:
+    spread = run.variability["spread"]
+    return {"method": run.method, "case": run.case, "draws": run.variability["draws"],
+            **{f"sd_{m}": spread[m]["sd"] for m in spread if m in MAIN_METRICS},
+            "spearman_rho": run.variability["spearman"]["rho"]}
