@@ -9,8 +9,9 @@ the result in physical units (HU for CT) on the input's own grid.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ class ModelSpec:
     `source_scaling`/`target_scaling` are the training cases' scalings (their median window where
     each case had its own, e.g. MR percentiles): fixed windows (CT HU, PET SUV) are reused as they
     are, fitted ones are refitted on each input; a fitted target comes back in typical training
-    units. `spacing` (x, y, z) and `direction` describe the training grid.
+    units. `spacing` (x, y, z) and `direction` describe the training grid. A model that makes several
+    targets (cldm) has `target` as its default and the others, with their scalings, in `other_targets`.
     """
 
     source: str
@@ -53,24 +55,54 @@ class ModelSpec:
     target_scaling: IntensityScaling
     spacing: tuple[float, float, float]
     direction: tuple[float, ...]
+    other_targets: dict[str, IntensityScaling] = field(default_factory=dict)
 
     @property
     def target_modality(self) -> str | None:
         return family_of(self.target)
 
+    @property
+    def targets(self) -> list[str]:
+        """Every target the model makes, the default first."""
+        return [self.target, *self.other_targets]
+
+    def for_target(self, target: str | None) -> ModelSpec:
+        """This description with `target` (None: the default) as its target; one the model does not make is an error."""
+        if target is None or target == self.target:
+            return self
+        if target not in self.other_targets:
+            made = " or ".join(self.targets)
+            raise CrossdiffError(f"this model translates {self.source} to {made}, not to {target!r}")
+        scalings = {self.target: self.target_scaling, **self.other_targets}
+        return replace(self, target=target, target_scaling=scalings.pop(target), other_targets=scalings)
+
     @classmethod
     def from_cases(
-        cls, cases: Sequence[PreparedCase], source: str, target: str, slices: SliceConfig, preparation: PreparationConfig
+        cls,
+        cases: Sequence[PreparedCase],
+        source: str,
+        target: str | Sequence[str],
+        slices: SliceConfig,
+        preparation: PreparationConfig,
     ) -> ModelSpec:
+        """`target` is one modality key or several (the first is the default); each scaling is typical of
+        the cases that hold that modality."""
         if not cases:
             raise CrossdiffError("a model needs at least one training case")
+        first, *others = [target] if isinstance(target, str) else list(target)
         spacing = np.median([case.geometry.spacing for case in cases], axis=0)
+
+        def typical(key: str) -> IntensityScaling:
+            held = [case.scalings[key] for case in cases if key in case.scalings]
+            if not held:
+                raise CrossdiffError(f"no training case has a {key} image")
+            return _typical(held)
+
         return cls(
-            source, target, slices, preparation,
-            _typical([case.scalings[source] for case in cases]),
-            _typical([case.scalings[target] for case in cases]),
+            source, first, slices, preparation, typical(source), typical(first),
             tuple(float(s) for s in spacing),  # type: ignore[arg-type]
             cases[0].geometry.direction,
+            {key: typical(key) for key in others},
         )
 
     def to_sections(self) -> dict[str, Any]:
@@ -81,6 +113,7 @@ class ModelSpec:
             "scalings": {"source": self.source_scaling.to_dict(), "target": self.target_scaling.to_dict()},
             "spacing": list(self.spacing),
             "direction": list(self.direction),
+            "other_targets": {key: scaling.to_dict() for key, scaling in self.other_targets.items()},
         }
         return {"model": model, "slices": self.slices.to_dict(), "preparation": self.preparation.to_dict()}
 
@@ -96,6 +129,7 @@ class ModelSpec:
             IntensityScaling.from_dict(model["scalings"]["target"]),
             tuple(float(s) for s in model["spacing"]),  # type: ignore[arg-type]
             tuple(float(d) for d in model["direction"]),
+            {key: IntensityScaling.from_dict(value) for key, value in model.get("other_targets", {}).items()},
         )
 
 
@@ -124,19 +158,30 @@ def load_model(checkpoint: str | Path, device: str | torch.device | None = None)
     `checkpoint` is a checkpoint folder, a `latest` link or a run folder. A missing, corrupt or
     mismatched file is an InputError that names it.
     """
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = _device(device)
+    method, config, folder, step = load_method(checkpoint, device)
+    with _well_formed(folder):
+        spec = ModelSpec.from_sections(config)
+    return LoadedModel(method, spec, folder, step, device)
+
+
+def load_method(
+    checkpoint: str | Path, device: str | torch.device | None = None
+) -> tuple[Method, dict[str, Any], Path, int | None]:
+    """The method of a checkpoint with its EMA weights on `device`, its config.yaml, folder and step.
+
+    Unlike `load_model` it needs no model description, so a checkpoint that does not translate (a cldm
+    autoencoder) loads too."""
+    device = _device(device)
     folder = checkpoints.checkpoint_folder(Path(checkpoint))
     config = checkpoints.read_config(folder)
-    config_file = folder / checkpoints.CONFIG_FILE
     if config.get("format") != MODEL_FORMAT:
-        raise InputError(config_file, f"not a crossdiff model configuration (format {config.get('format')!r})")
-    try:
+        found = config.get("format")
+        raise InputError(folder / checkpoints.CONFIG_FILE, f"not a crossdiff model configuration (format {found!r})")
+    with _well_formed(folder):
         data = config["data"]
         spec_data = DataSpec(int(data["source_channels"]), int(data["target_channels"]), tuple(data["size"]))
         method = get_method(config["method"]["name"])(config["method"]["config"], spec_data)
-        spec = ModelSpec.from_sections(config)
-    except (KeyError, TypeError, ValueError) as error:
-        raise InputError(config_file, f"checkpoint configuration is incomplete or malformed ({error!r})") from None
     model_file = folder / checkpoints.MODEL_FILE
     tensors, metadata = checkpoints.read_tensors(model_file)
     weights = checkpoints.split_prefix(tensors, "ema")
@@ -148,8 +193,21 @@ def load_model(checkpoint: str | Path, device: str | torch.device | None = None)
         except RuntimeError as error:
             raise InputError(model_file, f"weights do not fit the {name!r} network ({str(error).splitlines()[0]})") from None
         module.to(device).eval()
-    step = int(metadata["step"]) if "step" in metadata else None
-    return LoadedModel(method, spec, folder, step, device)
+    return method, config, folder, int(metadata["step"]) if "step" in metadata else None
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+@contextlib.contextmanager
+def _well_formed(folder: Path) -> Iterator[None]:
+    """A missing or mistyped entry of the checkpoint's config.yaml becomes an InputError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as error:
+        message = f"checkpoint configuration is incomplete or malformed ({error!r})"
+        raise InputError(folder / checkpoints.CONFIG_FILE, message) from None
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -213,13 +271,10 @@ def training_grid(spec: ModelSpec, geometry: Geometry, turn: Reorientation) -> G
     wanted = have.copy()
     wanted[in_plane] = trained[in_plane]
     # back to the input's own axis order: working index axis w comes from input index axis 2 - order[2 - w]
-    spacing, size = list(geometry.spacing), list(geometry.size)
+    spacing = list(geometry.spacing)
     for working in range(3):
-        index = 2 - turn.order[2 - working]
-        extent = geometry.size[index] * geometry.spacing[index]
-        spacing[index] = float(wanted[working])
-        size[index] = max(1, int(round(extent / spacing[index])))
-    return Geometry(tuple(size), tuple(spacing), geometry.origin, geometry.direction)  # type: ignore[arg-type]
+        spacing[2 - turn.order[2 - working]] = float(wanted[working])
+    return geometry.with_spacing(tuple(spacing))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------- translation
@@ -247,19 +302,25 @@ def translate_volume(
     progress: Callable[[int, int], None] | None = None,
     keep_samples: bool = False,
     match_spacing: bool = False,
+    target: str | None = None,
 ) -> VolumeTranslation:
-    """Translate a whole volume; the result has `volume`'s exact geometry.
+    """Translate a whole volume into `target` (default: the model's own); the result has `volume`'s exact geometry.
 
     The source is scaled like the training data (fitted scalings refitted inside `mask`, else inside
     the automatic body mask). With `match_spacing` an input whose in-plane spacing differs from the
     training spacing is resampled for the network and the result resampled back; by default the
-    network works on the input grid. Outside `mask` the output is the target's background (-1024 HU
-    for CT) and slices without mask are not translated. The same seed gives the same result.
+    network works on the input grid, unless the model was trained at a fixed working spacing
+    (preparation 'spacing'), which every input is then resampled to. Outside `mask` the output is the
+    target's background (-1024 HU for CT) and slices without mask are not translated. The same seed gives the same result. A model
+    with several targets is told which one through the method option 'target'.
     """
+    model = replace(model, spec=model.spec.for_target(target))
+    options = {**(options or {}), **({"target": model.spec.target} if model.spec.other_targets else {})}
     _check_request(model, volume, samples, mask)
     body = mask.array.astype(bool) if mask is not None else None
     scaling = source_scaling(model.spec, volume, body)
     turn = Reorientation.between(volume.geometry.direction, model.spec.direction)
+    match_spacing = match_spacing or model.spec.preparation.spacing is not None  # a model with a working spacing needs it
     grid = training_grid(model.spec, volume.geometry, turn) if match_spacing else None
     working = volume if grid is None else resample_to(volume, grid)
     region = body if grid is None or mask is None else resample_to(mask, grid, "nearest", 0).array.astype(bool)
@@ -267,7 +328,7 @@ def translate_volume(
         model,
         turn.forward(scaling.apply(working.array)),
         None if region is None else turn.forward(region),
-        samples, options or {}, batch_size, seed, progress,
+        samples, options, batch_size, seed, progress,
     )
     draws = turn.backward(draws, lead=1)
     if grid is not None:

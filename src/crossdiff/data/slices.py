@@ -155,6 +155,13 @@ class _SliceDataset(Dataset):
             return stack, cover
         return _augment(stack, cover, _draw_augmentation(rng, self.config))
 
+    def _pair(self, case: PreparedCase, index: int, source: str, target: str, i: int) -> dict[str, object]:
+        """Item i: slice `index` of `source` (with context) and of `target`, moved together with the mask."""
+        target_slice = _cut(case.images[target], [index], self.config.axis)
+        stack = np.concatenate([context_slices(case.images[source], index, self.config), target_slice])
+        images, mask = self._render(stack, _cut(case.mask, [index], self.config.axis), self._rng(i))
+        return {"source": images[:-1], "target": images[-1:], "mask": mask, "case": case.case_id, "index": index}
+
 
 class PairedSliceDataset(_SliceDataset):
     """Aligned source/target slices of the same cases (for pix2pix, conditional diffusion, ...).
@@ -175,10 +182,44 @@ class PairedSliceDataset(_SliceDataset):
 
     def __getitem__(self, i: int) -> dict[str, object]:
         case, index = self.slices[i]
-        target = _cut(case.images[self.target], [index], self.config.axis)
-        stack = np.concatenate([context_slices(case.images[self.source], index, self.config), target])
-        images, mask = self._render(stack, _cut(case.mask, [index], self.config.axis), self._rng(i))
-        return {"source": images[:-1], "target": images[-1:], "mask": mask, "case": case.case_id, "index": index}
+        return self._pair(case, index, self.source, self.target, i)
+
+
+class MultiTargetSliceDataset(_SliceDataset):
+    """One source and several targets (for one model that completes several missing modalities, e.g. PET
+    to CT and MR): every kept slice of a case appears once per target the case holds.
+
+    Item i: what a PairedSliceDataset item holds for that (slice, target) pair, and 'code', the target's
+    modality key, which tells a class-conditional model which target to make. `source` None makes each
+    item's source its target slice itself: the images an autoencoder of the targets learns from.
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[PreparedCase],
+        source: str | None,
+        targets: Sequence[str],
+        config: SliceConfig,
+        augment: bool = False,
+    ) -> None:
+        super().__init__(config, augment)
+        if not targets or len(set(targets)) != len(targets):
+            raise CrossdiffError(f"a multi-target dataset needs distinct target modalities, not {list(targets)}")
+        self.source, self.targets = source, tuple(targets)
+        self.items: list[tuple[PreparedCase, int, str]] = []
+        for target in self.targets:
+            holding = [case for case in cases if target in case.images]
+            if not holding:
+                raise CrossdiffError(f"no case has a {target} image (cases: {', '.join(c.case_id for c in cases)})")
+            keys = (target,) if source is None else (source, target)
+            self.items += [(case, index, target) for case, index in _kept_slices(holding, keys, config)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        case, index, target = self.items[i]
+        return {**self._pair(case, index, self.source or target, target, i), "code": target}
 
 
 class UnpairedSliceDataset(_SliceDataset):
