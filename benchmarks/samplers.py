@@ -188,7 +188,8 @@ def _report(args: argparse.Namespace, rows: list[dict], train_seconds: float | N
     payload = {
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.system()} {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, threads {torch.get_num_threads()}",
+        "machine": f"{platform.system()} {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
+                   f"threads {torch.get_num_threads()}",
         "test_case": args.test_case,
         "size": args.size,
         "slices": args.slices,
@@ -205,7 +206,8 @@ def _report(args: argparse.Namespace, rows: list[dict], train_seconds: float | N
         f"cddpm (T = 1000, linear schedule, v prediction, {args.size} x {args.size} slices, default small UNet) trained "
         f"{args.train_steps} steps on the other two sarcoma patients (fp32, batch 8; "
         f"{'reused run' if train_seconds is None else f'{train_seconds / 60:.1f} min'}). Metrics (SynthRAD2023 definitions) on "
-        f"the {args.slices} central slices of the test CT inside the body mask ({voxels} voxels). NFE: network evaluations per draw.",
+        f"the {args.slices} central slices of the test CT inside the body mask ({voxels} voxels). "
+        "NFE: network evaluations per draw.",
         "",
         "| sampler | steps / tol | draws | NFE | MAE (HU) | PSNR (dB) | SSIM | s / slice |",
         "|---|---|---|---|---|---|---|---|",

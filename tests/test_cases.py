@@ -38,6 +38,20 @@ def test_every_modality_lands_on_the_reference_grid(sample_entry, sample_dir):
     assert np.abs(case.physical("ct").array - np.clip(ct.array, -1024, 3000)).max() < 1e-3
 
 
+def test_a_working_spacing_resamples_the_reference_grid_over_the_same_extent(sample_entry, sample_dir):
+    config = PreparationConfig(modalities=["mr", "ct"], reference="ct", spacing=(2.5, 2.5))
+    case = prepare_case("STS_003", sample_entry, config)
+    ct = read_volume(sample_dir / "ct.nii.gz")
+    assert case.geometry.spacing == (2.5, 2.5, ct.geometry.spacing[2]) and case.geometry.origin == ct.geometry.origin
+    extent = np.array(ct.geometry.size[:2]) * ct.geometry.spacing[:2]
+    assert np.all(np.abs(np.array(case.geometry.size[:2]) * 2.5 - extent) <= 2.5)  # the same field of view
+    assert case.images["ct"].shape == case.mask.shape == case.geometry.shape
+    # the body covers the same physical area on the coarse grid (to within its outline's pixels)
+    fine = prepare_case("STS_003", sample_entry, PreparationConfig(modalities=["mr", "ct"], reference="ct"))
+    area = (fine.mask.sum() * np.prod(ct.geometry.spacing[:2]), case.mask.sum() * 2.5 * 2.5)
+    assert area[1] == pytest.approx(area[0], rel=0.05)
+    assert PreparationConfig.from_dict(config.to_dict()) == config
+
 def test_a_body_mask_from_the_manifest_is_used(tmp_path, sample_dir):
     from crossdiff import write_volume
 

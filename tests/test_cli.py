@@ -132,7 +132,8 @@ def test_check_reads_every_case_of_a_real_manifest(tmp_path, shared_data):
 
 def register_sample(sample_dir: Path, out: Path, *options: object):
     """`crossdiff register` of the bundled MR onto the bundled CT."""
-    return crossdiff("register", "--fixed", sample_dir / "ct.nii.gz", "--moving", sample_dir / "mr.nii.gz", "--out", out, *options)
+    images = ("--fixed", sample_dir / "ct.nii.gz", "--moving", sample_dir / "mr.nii.gz")
+    return crossdiff("register", *images, "--out", out, *options)
 
 
 def test_register_writes_the_moving_image_on_the_fixed_grid(tmp_path, sample_dir):

@@ -7,6 +7,8 @@
         config.yaml           everything needed to rebuild and run the model (method, data, scalings, training)
     RUN_DIR/checkpoints/latest -> step-0001000
 
+`export_checkpoint` writes the shippable subset (config.yaml, EMA weights, a training record).
+
 A folder is filled under a temporary name and renamed into place, and `latest` is re-pointed with one
 rename, so a run killed at any moment leaves the previous checkpoint intact and `latest` valid.
 Tensors live in safetensors files and everything else in JSON/YAML: loading never runs pickle.
@@ -37,6 +39,7 @@ MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
+RECORD_FILE = "training-record.json"  # how an exported model was made
 STEP_NAME = re.compile(r"step-(\d{7,})\Z")
 
 Tensors = dict[str, torch.Tensor]
@@ -60,6 +63,23 @@ def save_checkpoint(
     _point_latest(root, destination.name)
     _prune(root, keep)
     return destination
+
+
+def export_checkpoint(checkpoint: Path, destination: Path, record: dict[str, Any] | None = None) -> Path:
+    """A folder to ship or share: config.yaml and the EMA weights only (no optimiser or RNG state, a
+    third of the size), plus an optional training record. `load_model` reads it like any checkpoint."""
+    folder = checkpoint_folder(Path(checkpoint))
+    config = read_config(folder)
+    tensors, metadata = read_tensors(folder / MODEL_FILE)
+    weights = {key: value for key, value in tensors.items() if key.startswith("ema/")}
+    if not weights:
+        raise InputError(folder / MODEL_FILE, "holds no EMA weights to export")
+    with atomic_directory(destination) as tmp:
+        save_file(weights, str(tmp / MODEL_FILE), metadata=metadata)
+        write_yaml(tmp / CONFIG_FILE, config)
+        if record is not None:
+            write_json(tmp / RECORD_FILE, record)
+    return Path(destination)
 
 
 def plain(value: Any) -> Any:

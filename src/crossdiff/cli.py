@@ -31,7 +31,9 @@ from crossdiff.errors import CrossdiffError
 from crossdiff.methods import available_methods
 
 if TYPE_CHECKING:
+    from crossdiff.data.cases import PreparedCase
     from crossdiff.data.manifest import Manifest
+    from crossdiff.data.slices import SliceConfig
 
 app = typer.Typer(
     name="crossdiff",
@@ -95,7 +97,9 @@ def info(
 
 @app.command()
 def prepare(
-    root: Annotated[Path, typer.Argument(help="Dataset folder (SynthRAD, pix2pix A/B, BraTS, or <case>/<MODALITY>/nifti|dicom).")],
+    root: Annotated[
+        Path, typer.Argument(help="Dataset folder (SynthRAD, pix2pix A/B, BraTS, or <case>/<MODALITY>/nifti|dicom).")
+    ],
     out: Annotated[Path, typer.Option(help="Manifest to write (.json or .csv).")] = Path("manifest.json"),
     layout: Annotated[Optional[str], typer.Option(help="Force a layout instead of detecting it.")] = None,
     prefer: Annotated[str, typer.Option(help="nifti or dicom, where a case has both.")] = "nifti",
@@ -121,7 +125,9 @@ def prepare(
 @app.command()
 def check(
     manifest: Annotated[Path, typer.Argument(help="Manifest (.json or .csv) to check.")],
-    reference: Annotated[Optional[str], typer.Option(help="Modality whose grid body masks must match (default: ct, else the first).")] = None,
+    reference: Annotated[
+        Optional[str], typer.Option(help="Modality whose grid body masks must match (default: ct, else the first).")
+    ] = None,
 ) -> None:
     """Check a manifest before training: every file exists and reads, every mask matches its image."""
     from crossdiff.data.cases import check_case
@@ -133,7 +139,8 @@ def check(
             bar.update(task, description=f"checking {case_id}")
             check_case(case_id, entry, reference)
             bar.advance(task)
-    out_console.print(f"{manifest}: {len(loaded.cases)} cases, modalities {', '.join(loaded.modalities())}: all files read, masks match")
+    modalities = ", ".join(loaded.modalities())
+    out_console.print(f"{manifest}: {len(loaded.cases)} cases, modalities {modalities}: all files read, masks match")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -162,7 +169,9 @@ def register_command(
     with progress(f"registering ({transform})", total=None) as (bar, task):
         result = register(
             fixed_volume, moving_volume, transform=transform, seed=seed, iterations=iterations,
-            progress=lambda step, value: bar.update(task, completed=step, description=f"registering ({transform}) metric {value:.4f}"),
+            progress=lambda step, value: bar.update(
+                task, completed=step, description=f"registering ({transform}) metric {value:.4f}"
+            ),
         )
     before = resample_to(moving_volume, fixed_volume)
     overlap = coverage(moving_volume, fixed_volume) & coverage(moving_volume, fixed_volume, result.transform)
@@ -210,8 +219,13 @@ def resample(
 
 
 @app.command()
-def methods() -> None:
-    """List the translation methods this installation knows."""
+def methods(
+    model: Annotated[Optional[Path], typer.Option(help="A trained run or checkpoint: show what it translates into.")] = None,
+) -> None:
+    """List the translation methods this installation knows, or (--model) the targets of a trained model."""
+    if model is not None:
+        _describe_model(model)
+        return
     names = available_methods()
     if not names:
         out_console.print("No translation method is available in this version yet.")
@@ -224,8 +238,25 @@ def methods() -> None:
     out_console.print(table)
 
 
-def _not_available(command: str) -> None:
-    raise CrossdiffError(f"`crossdiff {command}` is not available in crossdiff {__version__} yet")
+def _describe_model(model: Path) -> None:
+    """Method, source and every target (with its units) of a checkpoint, read from its config.yaml alone."""
+    from crossdiff import checkpoints
+    from crossdiff.inference import ModelSpec
+
+    folder = checkpoints.checkpoint_folder(model)
+    config = checkpoints.read_config(folder)
+    try:
+        spec = ModelSpec.from_sections(config)
+        method = config["method"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise CrossdiffError(f"{folder}: not a crossdiff model description ({error!r})") from None
+    stage = method["config"].get("stage")
+    table = Table(title=f"{model}: {method['name']}{f' ({stage} stage)' if stage else ''} from {spec.source}")
+    table.add_column("--target")
+    table.add_column("units")
+    for key in spec.targets:
+        table.add_row(key + (" (default)" if key == spec.target else ""), spec.for_target(key).target_scaling.units or "")
+    out_console.print(table)
 
 
 TRAIN_SECTIONS = ("method", "slices", "preparation", "training")
@@ -237,46 +268,76 @@ def train(
     manifest: Annotated[Path, typer.Option(help="Dataset manifest from `crossdiff prepare`.")],
     out: Annotated[Optional[Path], typer.Option(help="Run folder (required): checkpoints, metrics, effective config.")] = None,
     source: Annotated[str, typer.Option(help="Source modality key in the manifest (e.g. mr).")] = "mr",
-    target: Annotated[str, typer.Option(help="Target modality key in the manifest (e.g. ct).")] = "ct",
+    target: Annotated[str, typer.Option(help="Target modality key in the manifest (e.g. ct); cldm takes several: ct,mr.")] = "ct",
     config: Annotated[Optional[Path], typer.Option(help="YAML with sections method, slices, preparation, training.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total training steps (overrides the config).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Slices per step and process (overrides the config).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUT's run from its latest checkpoint.")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (overrides the config).")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="cldm: autoencoder (stage 1) or diffusion (stage 2, the default).")] = None,
+    autoencoder: Annotated[Optional[Path], typer.Option(help="cldm stage 2: the stage-1 run or checkpoint to build on.")] = None,
 ) -> None:
     """Train a method on the manifest's train split, validating on its val split (else test).
 
     Under `torchrun --nproc_per_node N -m crossdiff train ...` the N processes train data-parallel."""
+    from dataclasses import replace
+
     from crossdiff.data.cases import PreparationConfig, prepare_cases
     from crossdiff.data.manifest import load_manifest
-    from crossdiff.data.slices import PairedSliceDataset, SliceConfig
+    from crossdiff.data.slices import PairedSliceDataset, SliceConfig, UnpairedSliceDataset
     from crossdiff.inference import ModelSpec
     from crossdiff.methods import get_method
     from crossdiff.methods.base import DataSpec
+    from crossdiff.methods.cldm import AutoencoderStage, LatentDiffusion, stage_datasets
     from crossdiff.training import TrainConfig, seed_everything
     from crossdiff.training import train as run_training
 
     cls = get_method(method)
     if out is None:
         raise CrossdiffError("crossdiff train needs --out RUN_DIR, the folder for checkpoints and logs")
-    settings = _run_settings(out, config, resume, source, target)
+    latent = cls.name == "cldm"
+    targets = _targets(cls.name, target, stage, autoencoder, resume)
+    settings = _run_settings(out, config, resume, source, targets)
+    if latent:
+        settings["method"] |= {"targets": targets, **({"stage": stage} if stage else {})}
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "device": device}.items() if v is not None}
     training = TrainConfig.from_dict({**settings["training"], **overrides})
     slices = SliceConfig.from_dict(settings["slices"])
-    preparation = PreparationConfig.from_dict({"modalities": [source, target], "reference": target, **settings["preparation"]})
+    preparation = PreparationConfig.from_dict(
+        {"modalities": [source, *targets], "reference": targets[0], **settings["preparation"]}
+    )
     loaded = load_manifest(manifest)
-    train_ids, val_ids = _training_split(loaded, source, target)
+    if cls.paired:
+        train_ids, val_ids = _training_split(loaded, source, targets)
+    else:
+        source_ids, target_ids, val_ids = _unpaired_split(loaded, source, target, training.seed)
+        train_ids = source_ids + target_ids
     with progress("preparing cases", total=len(train_ids) + len(val_ids)) as (bar, task):
         cases = prepare_cases(
             ((cid, loaded.cases[cid]) for cid in train_ids + val_ids), preparation, out / "cache",
             on_case=lambda _: bar.advance(task),
         )
     train_cases, val_cases = cases[: len(train_ids)], cases[len(train_ids) :]
-    train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True)
-    val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
+    if latent:
+        train_set, val_set = stage_datasets(settings["method"], train_cases, val_cases, source, slices)
+        spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)
+    else:
+        if cls.paired:
+            train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True)
+            spec = ModelSpec.from_cases(train_cases, source, target, slices, preparation)
+        else:  # each side's scaling from its own cases; the source cases describe the grid inference works on
+            source_cases, target_cases = train_cases[: len(source_ids)], train_cases[len(source_ids) :]
+            train_set = UnpairedSliceDataset(source_cases, target_cases, source, target, slices, augment=True)
+            target_scaling = ModelSpec.from_cases(target_cases, target, target, slices, preparation).target_scaling
+            spec = replace(ModelSpec.from_cases(source_cases, source, source, slices, preparation),
+                           target=target, target_scaling=target_scaling)
+        val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
     seed_everything(training.seed)
-    model = cls(settings["method"], DataSpec(slices.channels, 1, slices.size))
-    spec = ModelSpec.from_cases(train_cases, source, target, slices, preparation)
+    data = DataSpec(slices.channels, 1, slices.size)
+    if autoencoder is not None:
+        model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
+    else:
+        model = cls(settings["method"], data)
     validation = f"validating on {len(val_set)} slices of {len(val_cases)}" if val_set else "no validation cases"
     err_console.print(f"training {method} on {len(train_set)} slices of {len(train_cases)} cases, {validation}")
     result = run_training(model, train_set, val_set, training, out, resume=resume, extra_config=spec.to_sections())
@@ -285,9 +346,47 @@ def train(
         last = result.validation[-1]
         out_console.print("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step"))
     out_console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True, highlight=False)
+    if isinstance(model, AutoencoderStage):
+        _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
 
 
-def _run_settings(out: Path, config: Path | None, resume: bool, source: str, target: str) -> dict[str, dict]:
+def _targets(method: str, target: str, stage: str | None, autoencoder: Path | None, resume: bool) -> list[str]:
+    """--target as a list: several keys (comma-separated) only for cldm. Also refuses, before any case is
+    prepared, stage options that do not fit: only cldm has stages, and only its new diffusion stage an
+    --autoencoder (a resumed run keeps its own)."""
+    targets = [key.strip() for key in target.split(",") if key.strip()]
+    if method != "cldm" and len(targets) != 1:
+        raise CrossdiffError(f"{method} translates to one target, not {target!r}; cldm makes several (--target ct,mr)")
+    if method != "cldm" and (stage is not None or autoencoder is not None):
+        raise CrossdiffError("--stage and --autoencoder are cldm's (latent diffusion) options")
+    new_diffusion = method == "cldm" and stage != "autoencoder" and not resume
+    if (autoencoder is not None) != new_diffusion:
+        raise CrossdiffError("cldm's diffusion stage starts from a trained autoencoder: pass --autoencoder RUN to a new "
+                             "diffusion run, and only there (`--stage autoencoder` trains one)")
+    return targets
+
+
+def _report_reconstruction(
+    checkpoint: Path | None, cases: list[PreparedCase], targets: list[str], slices: SliceConfig, out: Path
+) -> None:
+    """Score a trained cldm autoencoder per modality on `cases`; print the table, write RUN/reconstruction.json."""
+    from crossdiff.atomic import write_json
+    from crossdiff.data.slices import MultiTargetSliceDataset
+    from crossdiff.inference import load_method
+    from crossdiff.methods.cldm import reconstruction_quality
+
+    method = load_method(checkpoint or out)[0]
+    scores = reconstruction_quality(method.reconstruct, MultiTargetSliceDataset(cases, None, targets, slices))
+    write_json(out / "reconstruction.json", {"cases": [case.case_id for case in cases], "scores": scores})
+    table = Table(title=f"reconstruction on {', '.join(case.case_id for case in cases)} ([-1, 1] scale)")
+    for column in ("modality", "MAE (mask)", "PSNR dB (mask)", "SSIM"):
+        table.add_column(column)
+    for code, values in scores.items():
+        table.add_row(code, f"{values['mae']:.4f}", f"{values['psnr']:.2f}", f"{values['ssim']:.3f}")
+    out_console.print(table)
+
+
+def _run_settings(out: Path, config: Path | None, resume: bool, source: str, targets: list[str]) -> dict[str, dict]:
     """The sections of a new run's YAML, or the saved settings of the run being resumed."""
     import yaml
 
@@ -300,9 +399,10 @@ def _run_settings(out: Path, config: Path | None, resume: bool, source: str, tar
         if not saved_file.is_file():
             raise CrossdiffError(f"{out}: nothing to resume ({RUN_CONFIG} is missing)")
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-        if (saved["model"]["source"], saved["model"]["target"]) != (source, target):
-            raise CrossdiffError(f"{out} translates {saved['model']['source']} to {saved['model']['target']}, "
-                                 f"not {source} to {target}")
+        model = saved["model"]
+        made = [model["target"], *model.get("other_targets", {})]
+        if (model["source"], made) != (source, targets):
+            raise CrossdiffError(f"{out} translates {model['source']} to {','.join(made)}, not {source} to {','.join(targets)}")
         return {"method": saved["method"]["config"], **{key: saved[key] for key in TRAIN_SECTIONS[1:]}}
     if config is None:
         return {section: {} for section in TRAIN_SECTIONS}
@@ -316,13 +416,33 @@ def _run_settings(out: Path, config: Path | None, resume: bool, source: str, tar
     return {section: dict(loaded.get(section) or {}) for section in TRAIN_SECTIONS}
 
 
-def _training_split(manifest: Manifest, source: str, target: str) -> tuple[list[str], list[str]]:
-    """Cases holding both modalities: the train split, and val (else test) for validation."""
-    paired = set(manifest.cases_with(source, target))
+def _training_split(manifest: Manifest, source: str, targets: list[str]) -> tuple[list[str], list[str]]:
+    """Cases holding the source and a target (with several targets, each is learnt from the cases that
+    have it): the train split, and val (else test) for validation."""
+    paired = {cid for target in targets for cid in manifest.cases_with(source, target)}
     split = {name: [cid for cid in manifest.split_cases(name) if cid in paired] for name in ("train", "val", "test")}
     if not split["train"]:
-        raise CrossdiffError(f"the manifest has no training case with both {source} and {target}")
+        raise CrossdiffError(f"the manifest has no training case with both {source} and {' or '.join(targets)}")
     return split["train"], split["val"] or split["test"]
+
+
+def _unpaired_split(manifest: Manifest, source: str, target: str, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """Training cases of an unpaired method: source slices from some cases, target slices from OTHER cases.
+
+    A training case holding only one of the two modalities gives that one. Cases holding both are
+    shuffled by `seed` and halved: the first half (rounded up) gives source slices, the rest target
+    slices, so no case is seen from both sides. Validation uses val (else test) cases holding both."""
+    train, paired = manifest.split_cases("train"), set(manifest.cases_with(source, target))
+    both = [str(cid) for cid in np.random.default_rng(seed).permutation(sorted(c for c in train if c in paired))]
+    half = (len(both) + 1) // 2
+    sources = both[:half] + [cid for cid in train if cid not in paired and source in manifest.cases[cid].images]
+    targets = both[half:] + [cid for cid in train if cid not in paired and target in manifest.cases[cid].images]
+    if not sources or not targets:
+        raise CrossdiffError(f"unpaired training needs {source} images of some training cases and {target} images of "
+                             f"other training cases; the manifest's train split gives {len(sources)} and {len(targets)} "
+                             "(cases holding both are split in two halves)")
+    held = {name: [cid for cid in manifest.split_cases(name) if cid in paired] for name in ("val", "test")}
+    return sources, targets, held["val"] or held["test"]
 
 
 @app.command()
@@ -340,6 +460,7 @@ def translate(
     batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 8,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random draws: the same seed gives the same output.")] = 0,
+    target: Annotated[Optional[str], typer.Option(help="Target of a multi-target model (`methods --model`).")] = None,
 ) -> None:
     """Translate a volume with a trained model; the output has the input's exact geometry."""
     from crossdiff.data.cases import family_of
@@ -350,6 +471,7 @@ def translate(
     options = dict(_option(item) for item in option or [])
     options |= {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
     loaded = load_model(model, device)
+    loaded.spec.for_target(target)  # an unknown target fails here, before the input is read
     if uncertainty is not None and not loaded.method.stochastic:
         raise CrossdiffError(f"{loaded.method.name} is deterministic: it has no spread to write; leave out --uncertainty")
     if uncertainty is not None and samples < 2:
@@ -360,6 +482,7 @@ def translate(
         result = translate_volume(
             loaded, volume, samples=samples, options=options, mask=body, batch_size=batch_size, seed=seed,
             match_spacing=match_spacing, progress=lambda done, total: bar.update(task, completed=done, total=total),
+            target=target,
         )
     write_volume(result.mean, output)
     summary = f"{loaded.method.name}, {result.nfe} network evaluations per draw, {samples} draw(s)"
@@ -367,6 +490,27 @@ def translate(
     if uncertainty is not None and result.std is not None:
         write_volume(result.std, uncertainty)
         out_console.print(f"wrote {uncertainty}", soft_wrap=True, highlight=False)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder, its run folder, or checkpoints/latest.")],
+    out: Annotated[Path, typer.Option(help="Folder to write: config.yaml and model.safetensors (EMA weights).")],
+    record: Annotated[Optional[Path], typer.Option(help="JSON training record to ship beside the weights.")] = None,
+) -> None:
+    """Write a trained model without its training state, to share or ship; `translate --model` reads it."""
+    import json
+
+    from crossdiff.checkpoints import export_checkpoint
+
+    details = None
+    if record is not None:
+        try:
+            details = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise CrossdiffError(f"{record}: cannot read the training record ({error})") from None
+    export_checkpoint(model, out, details)
+    out_console.print(f"wrote {out}", soft_wrap=True, highlight=False)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -381,37 +525,78 @@ def _option(text: str) -> tuple[str, object]:
 
 @app.command()
 def evaluate(
-    pred: Annotated[Path, typer.Option(help="Synthetic image, folder or manifest.")],
-    ref: Annotated[Path, typer.Option(help="Reference image, folder or manifest.")],
+    pred: Annotated[Path, typer.Option(help="Synthetic image, folder of images, or manifest.")],
+    ref: Annotated[Path, typer.Option(help="Reference image, folder of images (matched by file name), or manifest.")],
+    mask: Annotated[Optional[Path], typer.Option(help="Body mask, or folder of masks named like the references.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for metrics.csv, slices.csv, summary.csv and summary.json.")] = None,
+    metrics: Annotated[str, typer.Option(help="synthrad2023 (SSIM) or synthrad2025 (masked MS-SSIM).")] = "synthrad2023",
+    modality: Annotated[str, typer.Option(help="auto, ct (HU) or mr (normalised [0, 1] scale).")] = "auto",
+    key: Annotated[str, typer.Option(help="Modality key of the images in a manifest.")] = "ct",
+    split: Annotated[Optional[str], typer.Option(help="Only this split of a manifest (train, val, test).")] = None,
 ) -> None:
-    """Compare synthetic and real images (available with the evaluation module)."""
-    _not_available("evaluate")
+    """Score synthetic images against references: MAE, ME, PSNR, SSIM / MS-SSIM, MAE per tissue class."""
+    from crossdiff.evaluation.console import evaluation_table
+    from crossdiff.evaluation.evaluate import evaluate_cases, write_evaluation
+    from crossdiff.evaluation.pairing import pair_inputs
+
+    pairing = pair_inputs(pred, ref, mask, key=key.lower(), split=split)
+    with progress("scoring", total=len(pairing.cases)) as (bar, task):
+        evaluation = evaluate_cases(
+            pairing.cases, metrics.lower(), modality.lower(),
+            progress=lambda name: bar.update(task, description=f"scored {name}", advance=1),
+        )
+    out_console.print(evaluation_table(evaluation))
+    if pairing.unmatched_references:
+        out_console.print(f"{len(pairing.unmatched_references)} reference(s) without a prediction were skipped")
+    for file in write_evaluation(evaluation, out) if out is not None else []:
+        out_console.print(f"wrote {file}", soft_wrap=True, highlight=False)
 
 
 @app.command()
-def benchmark(config: Annotated[Path, typer.Option(help="Benchmark YAML.")]) -> None:
-    """Train and compare several methods (available once methods are registered)."""
-    _not_available("benchmark")
+def benchmark(
+    config: Annotated[Path, typer.Option(help="Benchmark YAML (see benchmarks/configs/).")],
+    quick: Annotated[bool, typer.Option("--quick", help="Apply the config's 'quick' overrides (a run of minutes).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: benchmark-<config name>[-quick]).")] = None,
+) -> None:
+    """Train every listed method on one split with one budget, translate the held-out cases, score and report.
+
+    Run it again after an interruption: finished training runs and translations are reused."""
+    from crossdiff.evaluation.benchmark import run_benchmark
+    from crossdiff.evaluation.benchmark_config import load_benchmark_config
+    from crossdiff.evaluation.benchmark_report import write_benchmark_report
+    from crossdiff.evaluation.console import benchmark_table
+
+    settings = load_benchmark_config(config, quick=quick)
+    out = out or Path(f"benchmark-{config.stem}{'-quick' if quick else ''}")
+    result = run_benchmark(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True))
+    files = write_benchmark_report(result)
+    out_console.print(benchmark_table(result))
+    out_console.print(f"wrote {len(files)} files; the report: {out / 'report.html'}", soft_wrap=True, highlight=False)
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the results (replaced as a whole on success).")] = Path("crossdiff-demo"),
-    registration: Annotated[str, typer.Option(help="none, rigid, affine or bspline (MR onto CT).")] = "rigid",
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    samples: Annotated[int, typer.Option(help="Monte-Carlo draws: their mean is the sCT, their spread the uncertainty.")] = 8,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps per draw (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
 ) -> None:
-    """Run the built-in default on the bundled sarcoma patient: read, pair, register, normalise, preview."""
+    """The built-in default: the bundled patient's MR -> synthetic CT + uncertainty map, scored against its real CT."""
     from crossdiff.demo import run_demo
 
-    with progress("demo: reading, registering and normalising STS_003") as (bar, task):
-        result = run_demo(out, registration=registration, seed=seed)
+    with progress("demo: MR -> synthetic CT of the bundled patient STS_003") as (bar, task):
+        result = run_demo(out, device=device, samples=samples, steps=steps, seed=seed,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    metrics = result.metrics
     out_console.print(
-        f"MR-CT normalised mutual information: {result.nmi_before:.4f} resampled only, "
-        f"{result.nmi_after:.4f} after {registration} registration ({result.seconds:.1f} s)"
+        f"synthetic CT from {result.samples} draw(s) x {result.nfe} network evaluations: MAE {metrics['mae']:.1f} HU, "
+        f"PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f} against the real CT; uncertainty-error "
+        f"Spearman {result.spearman:.3f} ({result.seconds:.1f} s)"
     )
     for file in result.files:
-        out_console.print(f"  {out / file}")
-    out_console.print(f"[bold]demo output written to {out.resolve()}[/]")
+        out_console.print(f"  {out / file}", soft_wrap=True, highlight=False)
+    out_console.print(f"[bold]demo output written to {out.resolve()}[/]", soft_wrap=True)
 
 
 @app.callback(invoke_without_command=True)

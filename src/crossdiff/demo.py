@@ -1,45 +1,63 @@
-"""The built-in default job on the bundled sarcoma patient (STS_003).
+"""The built-in default job: the bundled sarcoma patient's MR (STS_003) becomes a synthetic CT with an
+uncertainty map, by the diffusion model shipped in the package, which never saw this patient.
 
-No translation model ships yet, so the demo runs the data pipeline every method stands on: read CT,
-MR and PET, bring MR and PET onto the CT grid (MR rigidly registered), build the body mask, scale
-intensities to [-1, 1], and write the results with a preview and a summary of the alignment.
+The demo is what a user would do with their own scan (`crossdiff translate`), plus the check a user
+cannot do without a CT: the bundled real CT, rigidly registered onto the MR, scores the result
+(SynthRAD2023 metrics inside the body) and tells whether the uncertainty map points at the errors
+(Spearman correlation of per-voxel spread and absolute error). Everything lands in one folder,
+replaced as a whole only when every file was written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import platform
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from crossdiff.atomic import atomic_directory, write_json, write_text
-from crossdiff.data.cases import PreparationConfig, PreparedCase, prepare_case
+from crossdiff.checkpoints import RECORD_FILE
 from crossdiff.data.manifest import CaseEntry
 from crossdiff.errors import InputError
+from crossdiff.evaluation.metrics import case_metrics
+from crossdiff.evaluation.report import Section, Table, write_report
+from crossdiff.evaluation.variability import calibration_table, uncertainty_error_correlation
+from crossdiff.inference import load_model, translate_volume
+from crossdiff.masks import body_mask
 from crossdiff.preview import Panel, save_panels
-from crossdiff.registration import normalized_mutual_information
-from crossdiff.volumes import Volume, write_volume
+from crossdiff.readers import read_volume
+from crossdiff.registration import register
+from crossdiff.volumes import Volume, coverage, resample_to, write_volume
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 SAMPLE_CASE = "STS_003"
 SAMPLE_MODALITIES = ("ct", "mr", "pet")
+MODEL_FOLDER = "model"
+DEFAULT_SAMPLES = 8
+WINDOW_HU = (-400.0, 600.0)
 BONE_HU = 250.0
 
 
 @dataclass(frozen=True)
 class DemoResult:
     out: Path
-    nmi_before: float
-    nmi_after: float
+    metrics: dict[str, float]
+    spearman: float
+    samples: int
+    nfe: int
     seconds: float
     files: list[str]
 
 
 def sample_entry(sample_dir: Path = SAMPLE_DIR) -> CaseEntry:
-    """The bundled case, after checking every file against SHA256SUMS (a damaged copy is refused)."""
+    """The bundled case, after checking every bundled file (images and model) against SHA256SUMS."""
     sums = sample_dir / "SHA256SUMS"
     if not sums.is_file():
         raise InputError(sums, "the bundled sample's checksum list is missing; reinstall crossdiff")
@@ -53,58 +71,111 @@ def sample_entry(sample_dir: Path = SAMPLE_DIR) -> CaseEntry:
     return CaseEntry(images={key: sample_dir / SAMPLE_CASE / f"{key}.nii.gz" for key in SAMPLE_MODALITIES})
 
 
-def run_demo(out: Path, registration: str = "rigid", seed: int = 0, sample_dir: Path = SAMPLE_DIR) -> DemoResult:
-    """Prepare the sample twice (plain resampling, then with registration) and write what it shows."""
+def run_demo(
+    out: Path,
+    device: str = "cpu",
+    samples: int = DEFAULT_SAMPLES,
+    steps: int | None = None,
+    seed: int = 0,
+    sample_dir: Path = SAMPLE_DIR,
+    model_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DemoResult:
+    """Translate the bundled MR with the bundled model (`samples` Monte-Carlo draws of `steps` sampler
+    steps, the model's default when None), score it against the bundled CT and write the report.
+    `model_dir` replaces the bundled model (benchmarks/demo.py scores a baseline this way);
+    `progress(done, total)` is called as slices are translated."""
     start = time.perf_counter()
     entry = sample_entry(sample_dir)
-    config = PreparationConfig(modalities=list(SAMPLE_MODALITIES), reference="ct", registration=registration, seed=seed)
-    unregistered = prepare_case(SAMPLE_CASE, entry, PreparationConfig(**{**config.to_dict(), "registration": "none"}))
-    registered = prepare_case(SAMPLE_CASE, entry, config)
-    mask = registered.mask & unregistered.mask
-    nmi_before = normalized_mutual_information(unregistered.images["ct"], unregistered.images["mr"], mask)
-    nmi_after = normalized_mutual_information(registered.images["ct"], registered.images["mr"], mask)
+    model_dir = sample_dir / MODEL_FOLDER if model_dir is None else Path(model_dir)
+    model = load_model(model_dir, device)
+    mr = read_volume(entry.images["mr"], modality="MR")
+    body = body_mask(mr)
+    options = {} if steps is None else {"steps": steps}
+    translation = translate_volume(model, mr, samples=samples, options=options, mask=body, seed=seed,
+                                   progress=progress)
+    ct = read_volume(entry.images["ct"], modality="CT")
+    aligned = register(mr, ct, "rigid", seed=seed)  # the real CT in the MR's frame, to score against
+    # scored where both scans see the body: the CT's own outline (found on its whole field of view, then
+    # carried over) removes the skin-edge misalignment
+    ct_body = resample_to(body_mask(ct), mr, "nearest", 0, transform=aligned.transform).array.astype(bool)
+    region = body.array.astype(bool) & ct_body & coverage(ct, mr, aligned.transform)
+    reference, synthetic = aligned.volume.array, translation.mean.array
+    metrics = case_metrics(reference, synthetic, region).values
+    spread = translation.std.array if translation.std is not None else np.zeros_like(synthetic)
+    error = synthetic - reference
+    correlation = uncertainty_error_correlation(spread, error, region) if samples > 1 else None
+    record_file = model_dir / RECORD_FILE
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    settings = {"case": SAMPLE_CASE, "model": str(model_dir), "method": model.method.name, "device": device,
+                "samples": samples, "steps": steps or model.method.config.get("steps"), "seed": seed,
+                "sampler": model.method.config.get("sampler")}
     with atomic_directory(out) as folder:
-        files = _write_outputs(folder, registered)
-        _write_preview(folder / "preview.png", unregistered, registered, nmi_before, nmi_after)
-        write_text(folder / "config.yaml", yaml.safe_dump({"case": SAMPLE_CASE, "preparation": config.to_dict()}))
+        write_volume(translation.mean, folder / "sct.nii.gz")
+        files = ["sct.nii.gz"]
+        if translation.std is not None:
+            write_volume(translation.std, folder / "uncertainty.nii.gz")
+            files.append("uncertainty.nii.gz")
+        _figure(folder / "report.png", mr, reference, synthetic, spread, region)
         seconds = time.perf_counter() - start
-        write_json(
-            folder / "summary.json",
-            {
-                "case": SAMPLE_CASE,
-                "registration": registration,
-                "nmi_mr_ct_before": nmi_before,
-                "nmi_mr_ct_after": nmi_after,
-                "body_mask_voxels": int(registered.mask.sum()),
-                "scalings": {key: s.to_dict() for key, s in registered.scalings.items()},
-                "seconds": seconds,
-            },
-        )
-        files += ["preview.png", "config.yaml", "summary.json"]
-    return DemoResult(out, nmi_before, nmi_after, seconds, files)
+        summary = {
+            **settings,
+            "nfe_per_draw": translation.nfe,
+            "metrics": metrics,
+            "spearman_uncertainty_error": None if correlation is None else asdict(correlation),
+            "seconds": seconds,
+            "machine": platform.machine(),
+            "training_record": record,
+        }
+        write_json(folder / "summary.json", summary)
+        write_text(folder / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
+        _report(folder, summary, spread, error, region)
+        files += ["report.png", "report.html", "report.md", "summary.json", "config.yaml"]
+    spearman = float("nan") if correlation is None else correlation.rho
+    return DemoResult(Path(out), metrics, spearman, samples, translation.nfe, seconds, files)
 
 
-def _write_outputs(folder: Path, case: PreparedCase) -> list[str]:
-    names = []
-    for key, image in case.images.items():
-        name = f"{key}_normalised.nii.gz"
-        write_volume(Volume(image, case.geometry, units="[-1, 1]"), folder / name)
-        names.append(name)
-    write_volume(Volume(case.mask.astype(np.uint8), case.geometry, modality="mask"), folder / "body_mask.nii.gz")
-    return names + ["body_mask.nii.gz"]
-
-
-def _write_preview(path: Path, before: PreparedCase, after: PreparedCase, nmi_before: float, nmi_after: float) -> None:
-    """The axial slice with the most bone; the CT bone outline over the MR shows how well they align."""
-    ct = after.physical("ct").array
-    bone = ct > BONE_HU
-    z = int(np.argmax((bone & after.mask).sum(axis=(1, 2))))
-    spacing = after.geometry.spacing
+def _figure(path: Path, mr: Volume, reference: np.ndarray, synthetic: np.ndarray, spread: np.ndarray,
+            region: np.ndarray) -> None:
+    """MR | sCT | real CT | |error| | uncertainty on the axial slice with the most bone in the region."""
+    z = int(np.argmax(((reference > BONE_HU) & region).sum(axis=(1, 2))))
+    low, high = np.percentile(mr.array[z], [1, 99])
+    error = np.where(region[z], np.abs(synthetic[z] - reference[z]), np.nan)
     panels = [
-        Panel("CT (HU)", ct[z], -400, 600, overlay=after.mask[z]),
-        Panel(f"MR resampled, NMI {nmi_before:.3f}", before.images["mr"][z], -1, 1, overlay=bone[z]),
-        Panel(f"MR registered, NMI {nmi_after:.3f}", after.images["mr"][z], -1, 1, overlay=bone[z]),
-        Panel("PET (SUV)", after.physical("pet").array[z], 0, 5, cmap="magma", overlay=after.mask[z]),
+        Panel("MR T1 (input)", mr.array[z], float(low), float(high)),
+        Panel("synthetic CT (HU)", synthetic[z], *WINDOW_HU),
+        Panel("real CT, registered (HU)", reference[z], *WINDOW_HU),
+        Panel("|error| (HU)", error, 0.0, 300.0, "magma"),
+        Panel("uncertainty: std of draws (HU)", spread[z], 0.0, max(float(np.percentile(spread[region], 99)), 1.0), "viridis"),
     ]
-    title = f"{SAMPLE_CASE}, axial slice {z} on the CT grid (outlines: body inside every field of view on CT/PET, CT bone > {BONE_HU:g} HU on MR)"
+    spacing = mr.geometry.spacing
+    title = f"{SAMPLE_CASE}, axial slice {z}: error and uncertainty inside the body where the CT has data"
     save_panels(panels, path, title=title, aspect=spacing[1] / spacing[0])
+
+
+def _report(folder: Path, summary: dict[str, Any], spread: np.ndarray, error: np.ndarray, region: np.ndarray) -> None:
+    model = summary["training_record"]
+    metrics = Table.from_records(
+        [{"metric": name, "value": value} for name, value in summary["metrics"].items()],
+        caption="SynthRAD2023 metrics of the sCT (mean of the draws) against the registered real CT, inside the body (HU)",
+    )
+    run = Table.from_records([
+        {"setting": "draws", "value": summary["samples"]},
+        {"setting": "sampler", "value": f"{summary['sampler']}, {summary['steps']} steps"},
+        {"setting": "network evaluations per draw", "value": summary["nfe_per_draw"]},
+        {"setting": "seconds (whole demo)", "value": round(summary["seconds"], 1)},
+    ])
+    sections = [Section("Result", "", [metrics, run], [(folder / "report.png", "MR | sCT | real CT | |error| | uncertainty")])]
+    correlation = summary["spearman_uncertainty_error"]
+    if correlation is not None:
+        bins = calibration_table(spread, error, region)
+        text = (f"Spearman correlation of the per-voxel spread of the draws with the absolute error: "
+                f"rho = {correlation['rho']:.3f} over {correlation['voxels']} voxels. Voxels binned by predicted spread:")
+        calibration = Table.from_records([asdict(b) for b in bins])
+        sections.append(Section("Does the uncertainty point at the errors?", text, [calibration]))
+    trained = Table.from_records([{"item": key, "value": json.dumps(value) if isinstance(value, (dict, list)) else value}
+                                  for key, value in model.items()])
+    sections.append(Section("The model", "How the bundled model was trained (training-record.json).", [trained]))
+    intro = (f"The bundled MR of sarcoma patient {SAMPLE_CASE} translated into a synthetic CT by the bundled "
+             f"{summary['method']} model, which was trained on other patients only.")
+    write_report(folder, "crossdiff demo: MR to synthetic CT", sections, intro)

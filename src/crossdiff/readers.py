@@ -23,7 +23,7 @@ from crossdiff.dicom import (
     read_dicom_file,
     read_dicom_series,
 )
-from crossdiff.errors import InputError, error_summary
+from crossdiff.errors import CrossdiffError, InputError, error_summary
 from crossdiff.volumes import Geometry, Volume
 
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -38,17 +38,23 @@ MODALITY_WORDS = {
 }
 
 
+MODALITIES = ("CT", "MR", "PET")
+
+
 def read_volume(path: str | Path, modality: str | None = None, series_uid: str | None = None) -> Volume:
     """Read an image file or a folder (DICOM series, or PNG/JPEG slices stacked in name order).
 
     A single DICOM file is read on its own (one slice, or a multi-frame volume); give its folder
     to read the whole series, and `series_uid` when that folder holds several.
 
-    `modality` ('CT', 'MR', 'PET') overrides what the file says or its name suggests.
+    `modality` ('CT', 'MR', 'PET', any case) overrides what the file says or its name suggests; another
+    name is an error, since the modality picks the background value, the body-mask method and the units.
     Raises InputError naming the file for anything unreadable, 4-D, non-finite or empty.
     """
+    if modality is not None and modality.upper() not in MODALITIES:
+        raise CrossdiffError(f"unknown modality {modality!r}; use one of {', '.join(MODALITIES)}")
     volume = _read_raw(Path(path), series_uid)
-    volume.modality = modality or volume.modality or guess_modality(volume)
+    volume.modality = (modality.upper() if modality else None) or volume.modality or guess_modality(volume)
     if volume.units is None:
         volume.units = {"CT": "HU", "PET": "SUVbw", "MR": "a.u."}.get(volume.modality or "")
     check_contents(volume)

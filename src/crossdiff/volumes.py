@@ -55,6 +55,11 @@ class Geometry:
         image.SetDirection(self.direction)
         return image
 
+    def with_spacing(self, spacing: tuple[float, float, float]) -> Geometry:
+        """The same origin, orientation and extent sampled at `spacing` (x, y, z)."""
+        size = tuple(max(1, int(round(n * old / new))) for n, old, new in zip(self.size, self.spacing, spacing))
+        return Geometry(size, tuple(float(s) for s in spacing), self.origin, self.direction)  # type: ignore[arg-type]
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """The numpy shape (z, y, x) of an array on this grid."""

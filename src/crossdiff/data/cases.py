@@ -67,6 +67,9 @@ class PreparationConfig:
     metrics are computed on the original reference voxels). `registration`: 'none', 'rigid',
     'affine' or 'bspline' (moving = every other modality). `scaling`: per-modality method overrides
     (see crossdiff.intensity.fit_scaling); windows/percentiles apply to the methods that use them.
+    `spacing`: (x, y) millimetres of the working grid, slice spacing kept (None: the reference's own).
+    A fixed working spacing gives the network the same anatomy per pixel whatever grid a scan comes on;
+    inference resamples every input to it and the result back (crossdiff.inference).
     """
 
     modalities: list[str]
@@ -76,6 +79,7 @@ class PreparationConfig:
     ct_window: tuple[float, float] = (-1024.0, 3000.0)
     suv_window: tuple[float, float] = (0.0, 20.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    spacing: tuple[float, float] | None = None
     seed: int = 0
 
     def to_dict(self) -> dict[str, object]:
@@ -84,8 +88,8 @@ class PreparationConfig:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PreparationConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        for name in ("ct_window", "suv_window", "mr_percentiles"):
-            if name in known:
+        for name in ("ct_window", "suv_window", "mr_percentiles", "spacing"):
+            if known.get(name) is not None:
                 known[name] = tuple(known[name])  # type: ignore[arg-type]
         return cls(**known)  # type: ignore[arg-type]
 
@@ -145,7 +149,12 @@ def _prepare_uncached(case_id: str, entry: CaseEntry, keys: list[str], config: P
     volumes = {key: read_volume(entry.images[key], modality=family_of(key)) for key in keys}
     reference_key = config.reference if config.reference in volumes else keys[0]
     reference = volumes[reference_key]
-    mask = read_mask(entry.mask, reference).array.astype(bool) if entry.mask else body_mask(reference).array.astype(bool)
+    given = read_mask(entry.mask, reference) if entry.mask else None
+    if config.spacing is not None:
+        grid = reference.geometry.with_spacing((*config.spacing, reference.geometry.spacing[2]))
+        reference = resample_to(reference, grid)
+        given = resample_to(given, grid, "nearest", 0) if given is not None else None
+    mask = (given if given is not None else body_mask(reference)).array.astype(bool)
     aligned = {reference_key: reference}
     for key, volume in volumes.items():
         if key == reference_key:

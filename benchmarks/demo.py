@@ -1,0 +1,119 @@
+"""Does the built-in demo meet its targets? Wall time, sCT quality and uncertainty on the bundled patient.
+
+1. `crossdiff demo` runs `--repeat` times in a fresh process each (wall time includes Python start-up,
+   imports, model loading, translation, registration of the real CT and the report).
+2. Its summary.json gives the MAE/PSNR/SSIM of the sCT inside the body against the registered real CT
+   and the Spearman correlation of the uncertainty map with the absolute error.
+3. The UNet regression baseline is trained on the same patients with the same slices and budget
+   (benchmarks/train_demo_model.py --method unet) and scored by the same demo pipeline.
+
+Targets (issue 8): under 60 s on 2 CPU cores, MAE under 100 HU, positive Spearman.
+Run:  python benchmarks/demo.py [--repeat 2] [--out benchmarks/results]
+Writes OUT/demo.md and OUT/demo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from crossdiff.demo import run_demo
+
+REPO = Path(__file__).resolve().parents[1]
+UNET_RUN = REPO / "benchmarks" / "runs" / "demo-unet"
+TARGETS = {"seconds": 60.0, "mae": 100.0, "spearman": 0.0}
+
+
+def main() -> None:
+    args = _arguments()
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = [_timed_demo(Path(scratch) / f"demo-{i}") for i in range(args.repeat)]
+        baseline = _unet_baseline(Path(scratch) / "unet")
+    demo = runs[-1]["summary"]
+    result = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "command": "crossdiff demo",
+        "wall_seconds": [round(r["seconds"], 1) for r in runs],
+        "demo": {key: demo[key] for key in ("method", "samples", "sampler", "steps", "nfe_per_draw", "metrics",
+                                             "spearman_uncertainty_error", "training_record")},
+        "unet_baseline": baseline,
+        "targets": TARGETS,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "demo.md").write_text(_markdown(result))
+    print(_markdown(result))
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    return parser.parse_args()
+
+
+def _timed_demo(out: Path) -> dict:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "crossdiff", "demo", "--out", str(out)], check=True)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "summary": json.loads((out / "summary.json").read_text())}
+
+
+def _unet_baseline(out: Path) -> dict:
+    """Train (or reuse) the UNet on the demo model's data and budget, then score it like the demo."""
+    model = UNET_RUN / "model"
+    if not model.is_dir():
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_demo_model.py"), "--method", "unet",
+                        "--config", str(REPO / "benchmarks" / "configs" / "demo-unet.yaml"), "--out", str(model)],
+                       check=True)
+    result = run_demo(out, samples=1, model_dir=model)
+    record = json.loads((model / "training-record.json").read_text())
+    return {"metrics": result.metrics, "seconds": round(result.seconds, 1), "training_record": record}
+
+
+def _markdown(result: dict) -> str:
+    demo, unet = result["demo"], result["unet_baseline"]
+    record = demo["training_record"]
+    spearman = demo["spearman_uncertainty_error"]
+    rows = [
+        f"| {demo['method']} (mean of {demo['samples']} draws, {demo['sampler']} {demo['steps']} steps) | "
+        f"{demo['metrics']['mae']:.1f} | {demo['metrics']['psnr']:.2f} | {demo['metrics']['ssim']:.3f} | "
+        f"{spearman['rho']:.3f} |",
+        f"| unet (same data and budget) | {unet['metrics']['mae']:.1f} | {unet['metrics']['psnr']:.2f} | "
+        f"{unet['metrics']['ssim']:.3f} | n/a (deterministic) |",
+    ]
+    return "\n".join([
+        "# crossdiff demo: targets and measurements",
+        "",
+        f"Measured {result['when']} on {result['machine']} by `python benchmarks/demo.py`.",
+        "",
+        f"- wall time of `{result['command']}` (fresh process each): "
+        f"{', '.join(f'{s:.1f} s' for s in result['wall_seconds'])} (target < {TARGETS['seconds']:.0f} s)",
+        f"- MAE inside the body of the held-out bundled patient: {demo['metrics']['mae']:.1f} HU "
+        f"(target < {TARGETS['mae']:.0f} HU)",
+        f"- Spearman correlation of the uncertainty map with the absolute error: {spearman['rho']:.3f} "
+        f"over {spearman['voxels']} voxels (target > 0)",
+        "",
+        "| model | MAE (HU) | PSNR (dB) | SSIM | Spearman (std, abs error) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"The shipped model: {record['method']}, {record['steps']} steps of batch {record['batch_size']} on "
+        f"{record['data']}; {record['hardware']}; {record['training_step_seconds'] / 60:.1f} min of training steps.",
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
