@@ -25,9 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-import yaml
 
-from crossdiff.checkpoints import export_checkpoint, latest_checkpoint, read_state
+from crossdiff.checkpoints import export_checkpoint, latest_checkpoint, read_config, read_state
 from crossdiff.data.layouts import scan
 from crossdiff.data.manifest import save_manifest
 from crossdiff.demo import SAMPLE_CASE, SAMPLE_DIR
@@ -72,7 +71,7 @@ def _arguments() -> argparse.Namespace:
 def _record(args: argparse.Namespace, run_dir: Path, checkpoint: Path, seconds: float, resumed: bool) -> dict:
     """What a reader of the shipped model needs to know: data, budget, hardware, time, validation."""
     state = read_state(checkpoint)
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    config = read_config(checkpoint)
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [(m["step"], m["steps_per_s"]) for m in logged if "steps_per_s" in m]
     # time spent in training steps, from the logged rates: true across resumed sessions too

@@ -46,6 +46,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
+from crossdiff.methods.diffusion import sampling_settings
 from crossdiff.nets.autoencoder import (
     DISCRIMINATOR_DEFAULTS,
     autoencoder_settings,
@@ -341,10 +342,7 @@ class LatentDiffusion(ConditionalLatentDiffusion):
         """Draw `samples` images of modality `target` (default: the first of `targets`) per source slice;
         sampler/steps/batch default to the config, `options` are the sampler's."""
         code = self.targets[0] if target is None else target
-        name = sampler or self.config["sampler"]
-        if name == self.config["sampler"]:
-            options = {**self.config["sampler_options"], **options}
-        steps = int(self.config["steps"] if steps is None else steps)
+        name, steps, options = sampling_settings(self.config, sampler, steps, options)
         label = self.labels([code], source.device)
         latent = (int(self.config["autoencoder"]["latent_channels"]), *(s // self.factor for s in source.shape[-2:]))
 

@@ -47,6 +47,17 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
+
+def sampling_settings(
+    config: dict[str, Any], sampler: str | None, steps: int | None, options: dict[str, Any]
+) -> tuple[str, int, dict[str, Any]]:
+    """The sampler, steps and sampler options one translation uses: the call's, else the method config's.
+    The config's `sampler_options` belong to its own sampler, so they apply only when that one is used."""
+    name = sampler or config["sampler"]
+    if name == config["sampler"]:
+        options = {**config["sampler_options"], **options}
+    return name, int(config["steps"] if steps is None else steps), options
+
 class _ConditionalDiffusion(Method):
     """What both diffusion methods share: the denoiser, the loss, and sampling with Monte-Carlo draws.
     Subclasses give their extra defaults and build their process."""
@@ -129,10 +140,7 @@ class _ConditionalDiffusion(Method):
     ) -> Translation:
         """Draw `samples` target images per source slice. sampler/steps/batch default to the config;
         `options` are the sampler's (eta; predictor, snr, corrector_steps; solver, rtol, atol)."""
-        name = sampler or self.config["sampler"]
-        if name == self.config["sampler"]:
-            options = {**self.config["sampler_options"], **options}
-        steps = int(self.config["steps"] if steps is None else steps)
+        name, steps, options = sampling_settings(self.config, sampler, steps, options)
         shape = (self.data.target_channels, *source.shape[-2:])
 
         def draw(chunk: torch.Tensor) -> SampleResult:
