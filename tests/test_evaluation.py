@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from scipy.signal import fftconvolve
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.util import crop
 
+import crossdiff as crossdiff_package
 from crossdiff import read_volume, write_volume
 from crossdiff.data.layouts import scan
 from crossdiff.data.manifest import save_manifest
@@ -483,7 +485,8 @@ target: ct
 test: [STS_003]
 methods:
   - {{method: unet, name: unet-a, config: {{channels: [8, 16], strides: [2], num_res_units: 1}}}}
-  - {{method: unet, name: unet-b, config: {{channels: [8, 16, 16], strides: [2, 2], num_res_units: 1}}}}
+  - {{method: cddpm, name: cddpm-b, timing: [{{sampler: ddpm, steps: 12}}],
+     config: {{channels: [8, 8], attention_levels: [false, false], norm_num_groups: 8, sampler: ddim, steps: 3}}}}
 train:
   slices: {{size: [32, 32], fit: resize}}
   training: {{steps: 10, val_every: 10, checkpoint_every: 10, log_every: 5, device: cpu}}
@@ -492,11 +495,25 @@ evaluation: {{slices: 8, noise_levels: [0.09]}}
     out = tmp_path / "out"
     first = crossdiff("benchmark", "--config", config, "--out", out)
     assert first.returncode == 0, first.stderr[-2000:]
-    for name in ("results.csv", "summary.csv", "tests.csv", "cost.csv", "report.md", "report.html", "figures/panels.png",
-                 "figures/noise.png"):
+    for name in ("results.csv", "summary.csv", "tests.csv", "cost.csv", "speed.csv", "report.md", "report.html",
+                 "figures/panels.png", "figures/noise.png"):
         assert (out / name).is_file(), name
     rows = {row["method"]: row for row in _rows(out / "results.csv")}
-    assert sorted(rows) == ["unet-a", "unet-b"]
+    assert sorted(rows) == ["cddpm-b", "unet-a"]
+    speed = {(row["method"], row["sampling"]): row for row in _rows(out / "speed.csv")}
+    assert sorted(speed) == [("cddpm-b", "as evaluated"), ("cddpm-b", "sampler=ddpm steps=12"), ("unet-a", "as evaluated")]
+    assert [speed[key]["nfe"] for key in sorted(speed)] == ["3", "12", "1"]
+    timed = json.loads((out / "records" / "cddpm-b" / "STS_003.timing.json").read_text())
+    assert timed[0]["slices"] == 2 and float(speed["cddpm-b", "sampler=ddpm steps=12"]["s_per_slice"]) == timed[0]["s_per_slice"]
+    slowest = max(float(row["s_per_slice"]) for row in speed.values())
+    for row in speed.values():
+        assert float(row["speedup_vs_slowest"]) == pytest.approx(slowest / float(row["s_per_slice"]))
+    version = json.loads((out / "code-version.json").read_text())
+    package = Path(crossdiff_package.__file__).parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=False)
+    assert version["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    if version["commit"] is not None:
+        assert f"commit {version['commit']}" in (out / "report.md").read_text()
     reference = read_volume(out / "cases" / "reference" / "STS_003.nii.gz")
     mask = read_volume(out / "cases" / "mask" / "STS_003.nii.gz").array.astype(bool)
     assert reference.shape[0] == 8
@@ -508,12 +525,12 @@ evaluation: {{slices: 8, noise_levels: [0.09]}}
     assert {(t["metric"], t["unit"], t["n"]) for t in tests} == {("mae", "slices", "8"), ("psnr", "slices", "8")}
     assert "not computed" in (out / "report.md").read_text()
     translated = (out / "translations" / "unet-a" / "STS_003.nii.gz").stat().st_mtime_ns
-    (out / "runs" / "STS_003" / "unet-b" / "benchmark-train.json").unlink()  # as if killed before it was recorded
+    (out / "runs" / "STS_003" / "cddpm-b" / "benchmark-train.json").unlink()  # as if killed before it was recorded
     messages: list[str] = []
     again = run_benchmark(load_benchmark_config(config), out, log=messages.append)  # in-process: no second start-up
     assert f"reusing the finished run {out / 'runs' / 'STS_003' / 'unet-a'}" in messages
-    assert any(m.startswith("resuming unet-b") for m in messages)
-    assert [r.metrics["mae"] for r in again.runs] == [pytest.approx(float(rows[m]["mae"])) for m in ("unet-a", "unet-b")]
+    assert any(m.startswith("resuming cddpm-b") for m in messages)
+    assert [r.metrics["mae"] for r in again.runs] == [pytest.approx(float(rows[m]["mae"])) for m in ("unet-a", "cddpm-b")]
     assert (out / "translations" / "unet-a" / "STS_003.nii.gz").stat().st_mtime_ns == translated
     config.write_text(config.read_text().replace("steps: 10,", "steps: 12,"))
     with pytest.raises(CrossdiffError, match="unet-a was trained with other settings"):
@@ -530,7 +547,8 @@ def test_benchmark_config_merges_quick_overrides_and_names_itself_in_errors(tmp_
     assert quick.train["training"] == {"steps": 20, "batch_size": 8} and quick.evaluation["slices"] == 8
     assert quick.data == tmp_path / "data" and quick.source == "mr" and [m.name for m in quick.methods] == ["unet", "fast"]
     for extra, problem in (("extra: 1\n", r"unknown key\(s\) extra"), ("evaluation: {slices: 3}\n", "at least 7"),
-                           ("evaluation: {metrics: synthrad2030}\n", "must be one of")):
+                           ("evaluation: {metrics: synthrad2030}\n", "must be one of"),
+                           ("methods: [{method: cddpm, timing: {sampler: ddpm}}]\n", "must list translation options")):
         config.write_text(base + extra)
         with pytest.raises(InputError, match=problem) as raised:
             load_benchmark_config(config)

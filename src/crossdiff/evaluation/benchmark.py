@@ -10,7 +10,7 @@ repeats the scoring:
     runs/FOLD/METHOD/                training runs (checkpoints, metrics.jsonl)
     cases/{source,reference,mask}/   the held-out cases on the reference grid (central slab if asked)
     translations/METHOD/CASE.nii.gz  uncertainty/METHOD/CASE.nii.gz (stochastic methods, >= 2 draws)
-    records/METHOD/CASE.json         metrics, cost, sample variability; CASE.noise.json
+    records/METHOD/CASE.json         metrics, cost, sample variability; CASE.noise.json; CASE.timing.json
 An interrupted run, started again, reuses finished training runs (and resumes unfinished ones from their
 last checkpoint) and finished translations: a record is written last, only when its case is complete.
 """
@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import yaml
 
 from crossdiff import checkpoints
 from crossdiff.atomic import write_json, write_text
-from crossdiff.data.cases import PreparedCase, family_of, prepare_case
+from crossdiff.data.cases import family_of, prepare_case
 from crossdiff.data.layouts import scan
 from crossdiff.data.manifest import Manifest, load_manifest, save_manifest
 from crossdiff.errors import CrossdiffError, InputError
@@ -62,6 +63,7 @@ class CaseRun:
     cost: dict[str, Any]
     variability: dict[str, Any] | None
     noise: list[dict[str, Any]] | None
+    timing: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,10 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             for index, case_id in enumerate(held_out):
                 case = _held_out_case(config, manifest, case_id, model, out)
                 with_noise = index == 0 and bool(config.evaluation["noise_levels"])
-                runs.append(_case_run(config, entry.name, fold, case, model, out, with_noise, hounsfield, log))
+                run = _case_run(config, entry.name, fold, case, model, out, with_noise, hounsfield, log)
+                if index == 0 and entry.timing:
+                    run = replace(run, timing=_timing(config, entry, case, model, out, log))
+                runs.append(run)
     return BenchmarkResult(config, out, folds, runs, methods, hounsfield)
 
 
@@ -193,7 +198,7 @@ def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, mo
     cut to the central slab when `evaluation.slices` asks; saved under OUT/cases for `crossdiff evaluate`."""
     preparation = replace(model.spec.preparation, modalities=[config.source, config.target], reference=config.target)
     prepared = prepare_case(case_id, manifest.cases[case_id], preparation, out / "cache")
-    start, stop = _slab_range(prepared, config.evaluation["slices"])
+    start, stop = _slab_range(prepared.mask, config.evaluation["slices"])
     source, reference = (_slab(prepared.physical(key), start, stop) for key in (config.source, config.target))
     mask = prepared.mask[start:stop]
     for kind, volume in (("source", source), ("reference", reference), ("mask", reference.with_array(mask.astype(np.uint8)))):
@@ -203,12 +208,12 @@ def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, mo
     return HeldOutCase(case_id, source, reference, mask)
 
 
-def _slab_range(case: PreparedCase, slices: int | None) -> tuple[int, int]:
+def _slab_range(mask: np.ndarray, slices: int | None) -> tuple[int, int]:
     """All slices, or `slices` consecutive ones centred in the mask's extent along the first axis."""
-    depth = case.mask.shape[0]
+    depth = mask.shape[0]
     if slices is None or slices >= depth:
         return 0, depth
-    filled = np.flatnonzero(case.mask.any(axis=(1, 2)))
+    filled = np.flatnonzero(mask.any(axis=(1, 2)))
     centre = int(filled[len(filled) // 2])
     start = min(max(0, centre - slices // 2), depth - slices)
     return start, start + slices
@@ -307,3 +312,25 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
     payload = [{"level": r.level, "sigma": r.sigma, "scores": r.scores, "drop": r.drop} for r in rows]
     write_json(record, plain_json(payload))
     return payload
+
+
+def _timing(config: BenchmarkConfig, entry: MethodEntry, case: HeldOutCase, model: LoadedModel, out: Path,
+            log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Seconds per slice of one draw with each of the entry's `timing` options (e.g. 1000-step DDPM on the
+    model trained for a few-step sampler), on the central `timing_slices` slices: speed only, not scored."""
+    record = out / "records" / entry.name / f"{case.case_id}.timing.json"
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8"))
+    start, stop = _slab_range(case.mask, config.evaluation["timing_slices"])
+    source = _slab(case.source, start, stop)
+    mask = _slab(case.reference.with_array(case.mask.astype(np.uint8), modality="mask"), start, stop)
+    slices = int(mask.array.any(axis=(1, 2)).sum())
+    rows = []
+    for options in entry.timing:
+        label = " ".join(f"{key}={value}" for key, value in options.items())
+        log(f"timing {entry.name} with {label} on {slices} slices of {case.case_id}")
+        seed = config.evaluation["seed"]
+        result, measured = measure(partial(translate_volume, model, source, options=options, mask=mask, seed=seed), model.device)
+        rows.append({"options": label, "nfe": result.nfe, "slices": slices, "s_per_slice": measured.seconds / slices})
+    write_json(record, plain_json(rows))
+    return rows

@@ -8,7 +8,8 @@ target: ct
 test: [STS_003]                       # held-out cases (one split), or `test: leave-one-out` (one fold per case)
 methods:
   - {method: unet}
-  - {method: cddpm, name: cddpm-ddim20, config: {sampler: ddim, steps: 20}}
+  - {method: cddpm, name: cddpm-ddim20, config: {sampler: ddim, steps: 20},
+     timing: [{sampler: ddpm, steps: 1000}]}   # also time other samplers of the trained model (speed only)
 train:                                # `crossdiff train --config` sections shared by every method
   slices: {size: [64, 64], fit: resize}
   preparation: {registration: rigid}
@@ -19,6 +20,7 @@ evaluation:
   samples: 4                          # draws of stochastic methods: output = their mean, std = uncertainty
   noise_levels: [0.03, 0.09, 0.15, 0.21]   # noise robustness on each fold's first test case ([] skips it)
   fid_features: null                  # a .pt2 feature extractor for FID (null: FID not computed)
+  timing_slices: 2                    # central slices that each `timing` entry translates
   seed: 0
 quick:                                # merged over the above with --quick
   train: {training: {steps: 20}}
@@ -43,17 +45,20 @@ TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "
 TRAIN_SECTIONS = ("slices", "preparation", "training")
 EVALUATION_DEFAULTS: dict[str, Any] = {
     "metrics": "synthrad2023", "slices": None, "samples": 1, "noise_levels": [], "fid_features": None, "seed": 0,
+    "timing_slices": 2,
 }
 LEAVE_ONE_OUT = "leave-one-out"
 
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One benchmarked method: a registered `method`, its `name` in tables, its method section."""
+    """One benchmarked method: a registered `method`, its `name` in tables, its method section, and
+    translation options (e.g. another sampler) whose speed alone is measured on the same trained model."""
 
     method: str
     name: str
     config: dict[str, Any] = field(default_factory=dict)
+    timing: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,9 +143,14 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
     entries = []
     for item in value:
         item = {"method": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config"}:
-            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name' and 'config'")
-        entries.append(MethodEntry(str(item["method"]), str(item.get("name", item["method"])), dict(item.get("config") or {})))
+        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing"}:
+            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config' and 'timing'")
+        timing = item.get("timing") or []
+        if not isinstance(timing, list) or not all(isinstance(options, dict) and options for options in timing):
+            raise InputError(path, f"'timing' of {item['method']} must list translation options, e.g. "
+                                   "[{sampler: ddpm, steps: 1000}]")
+        entries.append(MethodEntry(str(item["method"]), str(item.get("name", item["method"])),
+                                   dict(item.get("config") or {}), [dict(options) for options in timing]))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -164,5 +174,7 @@ def _evaluation(path: Path, value: Any) -> dict[str, Any]:
         raise InputError(path, "evaluation samples must be a whole number >= 1")
     if settings["slices"] is not None and (not isinstance(settings["slices"], int) or settings["slices"] < 7):
         raise InputError(path, "evaluation slices must be null (all) or at least 7 (the SSIM window)")
+    if not isinstance(settings["timing_slices"], int) or settings["timing_slices"] < 1:
+        raise InputError(path, "evaluation timing_slices must be a whole number >= 1")
     settings["noise_levels"] = [float(level) for level in settings["noise_levels"] or []]
     return settings

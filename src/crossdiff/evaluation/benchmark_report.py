@@ -1,5 +1,5 @@
 """Tables, figures and the report of a benchmark run: results.csv (one row per method and case),
-summary.csv, tests.csv, cost.csv, figures/*.png, report.md and report.html."""
+summary.csv, tests.csv, cost.csv, speed.csv, code-version.json, figures/*.png, report.md and report.html."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.atomic import write_text
+from crossdiff.atomic import write_json, write_text
 from crossdiff.errors import CrossdiffError
 from crossdiff.evaluation import figures
 from crossdiff.evaluation.benchmark import BenchmarkResult, CaseRun
@@ -22,6 +22,7 @@ from crossdiff.evaluation.metrics import HU_RANGE, normalise_pair
 from crossdiff.evaluation.report import Section, Table, write_report
 from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
 from crossdiff.evaluation.variability import CalibrationBin
+from crossdiff.provenance import code_version, describe_code_version
 from crossdiff.readers import read_mask, read_volume
 
 MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ms_ssim")
@@ -38,15 +39,18 @@ def write_benchmark_report(result: BenchmarkResult) -> list[Path]:
         "summary.csv": _summary_rows(result.runs, names, metrics),
         "tests.csv": [test.as_dict() for test in _tests(result.runs, names)],
         "cost.csv": _cost_rows(result),
+        "speed.csv": _speed_rows(result),
     }
     for file, rows in tables.items():
         write_text(out / file, csv_text(rows))
+    write_json(out / "code-version.json", code_version())
     fid_results = _fid(result, names)
     drawn = _figures(result, names, out / "figures")
     sections = _sections(result, names, tables, fid_results, drawn)
     title = f"Benchmark: {result.config.source} -> {result.config.target}, {len(names)} methods"
     report = write_report(out, title, sections, intro=_intro(result))
-    return [out / file for file in tables] + [path for path, _ in drawn.values()] + list(report)
+    return ([out / file for file in tables] + [out / "code-version.json"] + [path for path, _ in drawn.values()]
+            + list(report))
 
 
 # -------------------------------------------------------------------------------------------- tables
@@ -111,6 +115,23 @@ def _cost_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
             "memory": mine[0]["memory"],
         })
     return rows
+
+
+def _speed_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
+    """Seconds per slice of one draw: each method as evaluated (mean over folds), and each extra sampler
+    its config times on the same trained model (`timing`), with the speed-up over the slowest row."""
+    rows = []
+    for name in result.methods:
+        mine = [r for r in result.runs if r.method == name]
+        rows.append({"method": name, "sampling": "as evaluated", "nfe": mine[0].cost["nfe"],
+                     "s_per_slice": float(np.mean([r.cost["s_per_slice"] / r.cost["samples"] for r in mine]))})
+        timed = [row for r in mine for row in r.timing or []]
+        for label in dict.fromkeys(row["options"] for row in timed):
+            same = [row for row in timed if row["options"] == label]
+            rows.append({"method": name, "sampling": label, "nfe": same[0]["nfe"],
+                         "s_per_slice": float(np.mean([row["s_per_slice"] for row in same]))})
+    slowest = max(row["s_per_slice"] for row in rows)
+    return [{**row, "speedup_vs_slowest": slowest / row["s_per_slice"]} for row in rows]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -229,7 +250,7 @@ def _intro(result: BenchmarkResult) -> str:
         f"training {training or 'default'}).\n\n"
         f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
         f"{'' if result.hounsfield else ', on the normalised [0, 1] scale (reference percentile window)'}; "
-        f"ME is prediction minus reference. Machine: {machine}."
+        f"ME is prediction minus reference. Machine: {machine}. Code: {describe_code_version()}."
     )
 
 
@@ -249,6 +270,11 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         Section("Statistical tests", test_note, [Table.from_records(tables["tests.csv"])] if tables["tests.csv"] else []),
         Section("Cost", "Peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
                 [drawn["speed"], drawn["nfe"]]),
+        Section("Sampling speed", "Seconds per slice for one draw (translation time over translated slices and draws). "
+                "Rows other than 'as evaluated' time another sampler of the same trained model on the central "
+                f"{result.config.evaluation['timing_slices']} slices of each fold's first held-out case "
+                "(speed only, not scored).",
+                [Table.from_records(tables["speed.csv"])]),
     ]
     if "noise" in drawn:
         rows = [{"method": r.method, "case": r.case, "level": row["level"], **{f"drop_{k}": v for k, v in row["drop"].items()}}

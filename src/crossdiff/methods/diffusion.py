@@ -47,7 +47,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
-
 def sampling_settings(
     config: dict[str, Any], sampler: str | None, steps: int | None, options: dict[str, Any]
 ) -> tuple[str, int, dict[str, Any]]:
