@@ -1,22 +1,25 @@
-"""The held-out sarcoma comparison shared by the learning tests: train on STS_001 and STS_002, translate
-STS_003's whole MR volume and score it in HU inside the body against two trivial baselines, the
-least-squares line from the scaled MR to HU (fitted on the training slices) and the median training HU.
+"""The held-out comparisons shared by the learning tests.
+
+Paired sarcoma MR -> CT: train on STS_001 and STS_002, translate STS_003's whole MR volume and score it
+in HU inside the body against two trivial baselines, the least-squares line from the scaled MR to HU
+(fitted on the training slices) and the median training HU. Unpaired brain T1 -> T2: see BrainUnpaired.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from helpers import SARCOMA, require_shared
+from helpers import BRAIN, SARCOMA, require_shared
+from scipy.stats import spearmanr
 
-from crossdiff import read_volume, resample_to
+from crossdiff import read_volume, resample_to, write_volume
 from crossdiff.data.cases import PreparationConfig, PreparedCase, prepare_case
 from crossdiff.data.manifest import CaseEntry
-from crossdiff.data.slices import PairedSliceDataset, SliceConfig
+from crossdiff.data.slices import PairedSliceDataset, SliceConfig, UnpairedSliceDataset
 from crossdiff.inference import LoadedModel, ModelSpec, source_scaling, translate_volume
-from crossdiff.volumes import Volume
+from crossdiff.volumes import Geometry, Volume
 
 PREPARATION = PreparationConfig(modalities=["mr", "ct"], reference="ct")
 TRAINING_CASES = ("STS_001", "STS_002")
@@ -77,3 +80,78 @@ def sarcoma_split(cache: Path, slices: SliceConfig) -> Split:
     hu = spec.target_scaling.invert(np.concatenate([item["target"][0].numpy().ravel() for item in items])[inside])
     slope, intercept = np.polyfit(x, hu, 1)
     return Split(cases, slices, spec, float(slope), float(intercept), float(np.median(hu)))
+
+
+# ------------------------------------------------------------------------------ unpaired brain T1 -> T2
+
+BRAIN_SLICES = SliceConfig(size=(48, 48), fit="pad-crop", context=0, seed=0)
+BRAIN_PREPARATION = PreparationConfig(modalities=["t1", "t2"], reference="t2", scaling={"t1": "mean", "t2": "mean"})
+BRAIN_FILES = {"t1": "BraTS-GLI-00001-000/t1n.nii.gz", "t2": "TCGA-FG-6692/t2.nii.gz",
+               "new_t1": "TCGA-DU-7294/t1.nii.gz", "new_t2": "TCGA-DU-7294/t2.nii.gz"}
+
+
+def shrunk(path: Path, out: Path, factor: int = 5, axial: slice = slice(30, 130, 3)) -> Path:
+    """A smaller copy of a 240 x 240 x 155 brain volume, for CPU time: every 3rd axial slice of the
+    central 100, in-plane 5 x 5 block means (1 mm -> 5 mm), on the matching physical grid."""
+    volume = read_volume(path)
+    stack = volume.array[axial]
+    h, w = stack.shape[1] // factor, stack.shape[2] // factor
+    array = stack[:, : h * factor, : w * factor].reshape(len(stack), h, factor, w, factor).mean(axis=(2, 4))
+    g = volume.geometry
+    spacing = (g.spacing[0] * factor, g.spacing[1] * factor, g.spacing[2] * axial.step)
+    shift = np.array([(factor - 1) / 2 * g.spacing[0], (factor - 1) / 2 * g.spacing[1], axial.start * g.spacing[2]])
+    origin = tuple(float(o) for o in np.array(g.origin) + np.array(g.direction).reshape(3, 3) @ shift)
+    return write_volume(Volume(array.astype(np.float32), Geometry((w, h, len(stack)), spacing, origin, g.direction), "MR"), out)
+
+
+@dataclass
+class BrainUnpaired:
+    """T1 of one subject (BraTS-GLI-00001-000) and T2 of another (TCGA-FG-6692), never paired, for
+    training; TCGA-DU-7294's T1 to translate and its T2 as the truth (normalised scale, inside the
+    brain). All three are 1 mm SRI24-registered volumes (240 x 240 x 155, LPS), shrunk for CPU.
+
+    Trivial baselines: the subject's T1 taken as its T2 (identity), the monotone map that matches the
+    training T1 histogram to the reversed training T2 one (the best intensity-only guess without
+    pairs), and the median training T2. Rank correlation with the truth is the same for every
+    monotone map of T1, so beating |Spearman(T1, T2)| means more than an intensity map."""
+
+    files: dict[str, Path]
+    source: PreparedCase
+    target: PreparedCase
+    new: PreparedCase
+    spec: ModelSpec
+
+    def training_set(self) -> UnpairedSliceDataset:
+        return UnpairedSliceDataset([self.source], [self.target], "t1", "t2", BRAIN_SLICES, augment=True)
+
+    def scores(self, model: LoadedModel, samples: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+        """MAE (normalised) of the model and the three baselines, and Spearman of the model and of T1."""
+        t1 = read_volume(self.files["new_t1"])
+        brain = self.new.mask
+        translated = translate_volume(model, t1, samples=samples, mask=Volume(brain.astype(np.uint8), t1.geometry, "mask"))
+        assert translated.mean.geometry == t1.geometry
+        prediction = self.spec.target_scaling.apply(translated.mean.array)[brain]  # back to the normalised scale
+        truth, new_t1 = self.new.images["t2"][brain], self.new.images["t1"][brain]
+        levels = np.linspace(0.0, 1.0, 101)
+        matched = np.interp(new_t1, np.quantile(self.source.images["t1"][self.source.mask], levels),
+                            np.quantile(self.target.images["t2"][self.target.mask], levels[::-1]))
+
+        def mae(guess: np.ndarray | float) -> float:
+            return float(np.abs(guess - truth).mean())
+
+        maes = {"model": mae(prediction), "identity": mae(new_t1), "histogram": mae(matched),
+                "constant": mae(float(np.median(self.target.images["t2"][self.target.mask])))}
+        ranks = {"model": float(spearmanr(prediction, truth)[0]), "t1": float(spearmanr(new_t1, truth)[0])}
+        return maes, ranks
+
+
+def brain_unpaired(folder: Path) -> BrainUnpaired:
+    require_shared()
+    files = {name: shrunk(BRAIN / relative, folder / f"{name}.nii.gz") for name, relative in BRAIN_FILES.items()}
+    source = prepare_case("BraTS-GLI-00001-000", CaseEntry(images={"t1": files["t1"]}), BRAIN_PREPARATION)
+    target = prepare_case("TCGA-FG-6692", CaseEntry(images={"t2": files["t2"]}), BRAIN_PREPARATION)
+    new = prepare_case("TCGA-DU-7294", CaseEntry(images={"t1": files["new_t1"], "t2": files["new_t2"]}), BRAIN_PREPARATION)
+    target_scaling = ModelSpec.from_cases([target], "t2", "t2", BRAIN_SLICES, BRAIN_PREPARATION).target_scaling
+    spec = replace(ModelSpec.from_cases([source], "t1", "t1", BRAIN_SLICES, BRAIN_PREPARATION),
+                   target="t2", target_scaling=target_scaling)  # as `crossdiff train` describes an unpaired model
+    return BrainUnpaired(files, source, target, new, spec)

@@ -1,12 +1,12 @@
-"""SynDiff on the shared pipeline: the large-step process, the stochastic 4-step sampler, learning on
-real sarcoma slices for a held-out patient (paired), save/load/translate and exact resume (paired and
-unpaired)."""
+"""SynDiff on the shared pipeline: the large-step process, the stochastic 4-step sampler, learning for
+a held-out subject (paired sarcoma MR -> CT; unpaired brain T1 -> T2 from two different subjects),
+save/load/translate and exact resume (paired and unpaired)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from heldout import sarcoma_split
+from heldout import BRAIN_SLICES, brain_unpaired, sarcoma_split
 from helpers import SAMPLE, train_straight_and_killed
 from safetensors.torch import load_file
 
@@ -119,6 +119,28 @@ def test_paired_syndiff_beats_the_median_hu_on_a_held_out_patient(tmp_path):
     print("syndiff held-out STS_003 MAE (HU): " + ", ".join(f"{key} {value:.1f}" for key, value in scores.items()))
     assert scores["model"] < scores["constant"] - 5.0
     assert scores["spread"] > 1.0  # the two draws differ: the uncertainty map is not empty
+
+
+def test_unpaired_syndiff_learns_t1_to_t2_from_two_unpaired_subjects_for_a_third(tmp_path):
+    """heldout.BrainUnpaired (the CycleGAN test's data and baselines): T1 of one subject and T2 of
+    another, never paired; TCGA-DU-7294's T1 translated in 4 steps (mean of 2 draws) against its T2.
+    With SynDiff's own rates (1.6e-4 / 1e-4) 300 steps left the diffusive generators saturated at the
+    tanh floor (a constant output); at 1e-3 they learn. Measured when written: MAE 0.225 against 0.332
+    for identity, 0.363 for the histogram map and 0.201 for the median-T2 constant (not beaten, as for
+    CycleGAN's 0.243); Spearman 0.301 against 0.056 for T1."""
+    brain = brain_unpaired(tmp_path)
+    seed_everything(0)
+    settings = {"channels": [16, 32, 64], "latent": 16, "embedding": 32, "discriminator_channels": [16, 32, 64],
+                "filters": 8, "blocks": 2, "critic_filters": 16, "critic_layers": 2, "lr": 1e-3, "discriminator_lr": 1e-3}
+    method = get_method("syndiff-unpaired")(settings, DataSpec(1, 1, BRAIN_SLICES.size))
+    config = TrainConfig(steps=300, batch_size=4, ema_decay=0.99, log_every=100, checkpoint_every=300, device="cpu")
+    train(method, brain.training_set(), None, config, tmp_path / "run", extra_config=brain.spec.to_sections())
+    scores, ranks = brain.scores(load_model(tmp_path / "run", "cpu"), samples=2)
+    print("syndiff-unpaired T1 -> T2 on TCGA-DU-7294, MAE (normalised): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+          + "; Spearman: " + ", ".join(f"{k} {v:.3f}" for k, v in ranks.items()))
+    assert scores["model"] < scores["identity"] - 0.05  # it inverted the contrast ...
+    assert scores["model"] < scores["histogram"] - 0.05  # ... better than any intensity-only map does
+    assert ranks["model"] > abs(ranks["t1"]) + 0.1  # and orders the tissues more like T2 than T1 can
 
 
 @pytest.mark.parametrize("name", ["syndiff", "syndiff-unpaired"])
