@@ -7,13 +7,16 @@ import csv
 import itertools
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 from helpers import SARCOMA, assert_clear_failure, crossdiff, require_shared
 from scipy import ndimage, stats
 from scipy.signal import fftconvolve
@@ -537,6 +540,57 @@ evaluation: {{slices: 8, noise_levels: [0.09]}}
         run_benchmark(load_benchmark_config(config), out, log=messages.append)
 
 
+def test_benchmark_with_two_targets_trains_a_multi_target_method_once_and_reports_each_target(tmp_path):
+    """PET -> CT and PET -> MR: unet is trained per target, cldm (two stages, one model) once per fold in
+    OUT/runs and asked for each target; each target gets its own report on its own scale."""
+    require_shared()
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"""
+data: {SARCOMA}
+layout: modality-folders
+source: pet
+target: [ct, mr]
+test: [STS_003]
+methods:
+  - {{method: unet, config: {{channels: [8, 16], strides: [2], num_res_units: 1}}}}
+  - {{method: cldm, stages: {{autoencoder: {{autoencoder: {{channels: [8, 16, 16], norm_num_groups: 4}}}},
+                              diffusion: {{channels: [16, 32], attention_levels: [false, false], steps: 3}}}}}}
+train:
+  slices: {{size: [32, 32], fit: resize, context: 0}}
+  training: {{steps: 6, val_every: 6, checkpoint_every: 6, log_every: 3, device: cpu}}
+evaluation: {{slices: 8}}
+""")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "crossdiff", "benchmark", "--config", str(config), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cldm_run = out / "runs" / "STS_003" / "cldm"
+    assert (cldm_run / "autoencoder" / "checkpoints").is_dir() and (cldm_run / "checkpoints").is_dir()
+    saved = yaml.safe_load((cldm_run / "config.yaml").read_text())
+    assert saved["method"]["config"]["targets"] == ["ct", "mr"] and saved["model"]["source"] == "pet"
+    assert done.stderr.count(f"training cldm in {cldm_run}\n") == 1  # trained for ct ...
+    assert f"reusing the finished run {cldm_run}" in done.stderr  # ... and reused for mr
+    for target in ("ct", "mr"):
+        assert (out / target / "runs" / "STS_003" / "unet" / "checkpoints").is_dir()
+        assert not (out / target / "runs" / "STS_003" / "cldm").exists()
+        rows = {row["method"]: row for row in _rows(out / target / "results.csv")}
+        assert sorted(rows) == ["cldm", "unet"]
+        reference = read_volume(out / target / "cases" / "reference" / "STS_003.nii.gz")
+        assert reference.modality == target.upper()
+        mask = read_volume(out / target / "cases" / "mask" / "STS_003.nii.gz").array.astype(bool)
+        prediction = read_volume(out / target / "translations" / "cldm" / "STS_003.nii.gz").array.astype(np.float64)
+        expected = (_direct_2023(reference.array.astype(np.float64), prediction, mask) if target == "ct"
+                    else case_metrics(reference.array, prediction, mask, "synthrad2023", hounsfield=False).values)
+        for metric in ("mae", "psnr"):
+            assert float(rows["cldm"][metric]) == pytest.approx(expected[metric], rel=1e-5), (target, metric)
+        assert f"pet -> {target}" in (out / target / "report.md").read_text()
+    ct_output = read_volume(out / "ct" / "translations" / "cldm" / "STS_003.nii.gz").array
+    assert ct_output.min() >= -1024.0 and ct_output.max() > 0.0  # HU for the ct code ...
+    mr_output = read_volume(out / "mr" / "translations" / "cldm" / "STS_003.nii.gz").array
+    assert mr_output.min() >= 0.0  # ... MR units for the mr code: one model, two targets
+
+
 def test_benchmark_config_merges_quick_overrides_and_names_itself_in_errors(tmp_path):
     config = tmp_path / "bench.yaml"
     base = ("data: data\nsource: MR\ntarget: ct\ntest: leave-one-out\nmethods: [unet, {method: cddpm, name: fast}]\n"
@@ -546,9 +600,15 @@ def test_benchmark_config_merges_quick_overrides_and_names_itself_in_errors(tmp_
     assert full.train["training"] == {"steps": 2000, "batch_size": 8} and full.evaluation["slices"] is None
     assert quick.train["training"] == {"steps": 20, "batch_size": 8} and quick.evaluation["slices"] == 8
     assert quick.data == tmp_path / "data" and quick.source == "mr" and [m.name for m in quick.methods] == ["unet", "fast"]
+    assert full.target == "ct" and full.targets == ("ct",)
     for extra, problem in (("extra: 1\n", r"unknown key\(s\) extra"), ("evaluation: {slices: 3}\n", "at least 7"),
                            ("evaluation: {metrics: synthrad2030}\n", "must be one of"),
-                           ("methods: [{method: cddpm, timing: {sampler: ddpm}}]\n", "must list translation options")):
+                           ("methods: [{method: cddpm, timing: {sampler: ddpm}}]\n", "must list translation options"),
+                           ("methods: [{method: cldm, stages: {encoder: {}}}]\n", "no training stage encoder; its stages: "
+                                                                                    "autoencoder, diffusion"),
+                           ("methods: [{method: unet, stages: {diffusion: {}}}]\n", "none"),
+                           ("methods: [nonsense]\n", "unknown method 'nonsense'"),
+                           ("target: [ct, CT]\n", "list of distinct ones")):
         config.write_text(base + extra)
         with pytest.raises(InputError, match=problem) as raised:
             load_benchmark_config(config)

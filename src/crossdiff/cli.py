@@ -296,7 +296,7 @@ def train(
     if out is None:
         raise CrossdiffError("crossdiff train needs --out RUN_DIR, the folder for checkpoints and logs")
     latent = cls.name == "cldm"
-    targets = _targets(cls.name, target, stage, autoencoder, resume)
+    targets = _targets(cls, target, stage, autoencoder, resume)
     settings = _run_settings(out, config, resume, source, targets)
     if latent:
         settings["method"] |= {"targets": targets, **({"stage": stage} if stage else {})}
@@ -350,16 +350,16 @@ def train(
         _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
 
 
-def _targets(method: str, target: str, stage: str | None, autoencoder: Path | None, resume: bool) -> list[str]:
-    """--target as a list: several keys (comma-separated) only for cldm. Also refuses, before any case is
-    prepared, stage options that do not fit: only cldm has stages, and only its new diffusion stage an
-    --autoencoder (a resumed run keeps its own)."""
+def _targets(cls: type, target: str, stage: str | None, autoencoder: Path | None, resume: bool) -> list[str]:
+    """--target as a list: several keys (comma-separated) only for a multi-target method (cldm). Also
+    refuses, before any case is prepared, stage options that do not fit: only cldm has stages, and only
+    its new diffusion stage an --autoencoder (a resumed run keeps its own)."""
     targets = [key.strip() for key in target.split(",") if key.strip()]
-    if method != "cldm" and len(targets) != 1:
-        raise CrossdiffError(f"{method} translates to one target, not {target!r}; cldm makes several (--target ct,mr)")
-    if method != "cldm" and (stage is not None or autoencoder is not None):
+    if not cls.multi_target and len(targets) != 1:
+        raise CrossdiffError(f"{cls.name} translates to one target, not {target!r}; cldm makes several (--target ct,mr)")
+    if not cls.training_stages and (stage is not None or autoencoder is not None):
         raise CrossdiffError("--stage and --autoencoder are cldm's (latent diffusion) options")
-    new_diffusion = method == "cldm" and stage != "autoencoder" and not resume
+    new_diffusion = bool(cls.training_stages) and stage != "autoencoder" and not resume
     if (autoencoder is not None) != new_diffusion:
         raise CrossdiffError("cldm's diffusion stage starts from a trained autoencoder: pass --autoencoder RUN to a new "
                              "diffusion run, and only there (`--stage autoencoder` trains one)")
@@ -561,17 +561,18 @@ def benchmark(
     """Train every listed method on one split with one budget, translate the held-out cases, score and report.
 
     Run it again after an interruption: finished training runs and translations are reused."""
-    from crossdiff.evaluation.benchmark import run_benchmark
+    from crossdiff.evaluation.benchmark import run_benchmarks
     from crossdiff.evaluation.benchmark_config import load_benchmark_config
     from crossdiff.evaluation.benchmark_report import write_benchmark_report
     from crossdiff.evaluation.console import benchmark_table
 
     settings = load_benchmark_config(config, quick=quick)
     out = out or Path(f"benchmark-{config.stem}{'-quick' if quick else ''}")
-    result = run_benchmark(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True))
-    files = write_benchmark_report(result)
-    out_console.print(benchmark_table(result))
-    out_console.print(f"wrote {len(files)} files; the report: {out / 'report.html'}", soft_wrap=True, highlight=False)
+    results = run_benchmarks(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True))
+    for result in results:
+        files = write_benchmark_report(result)
+        out_console.print(benchmark_table(result))
+        out_console.print(f"wrote {len(files)} files; the report: {result.out / 'report.html'}", soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -7,12 +7,16 @@ so the benchmark measures the real code path. Everything lands in OUT, laid out 
 repeats the scoring:
 
     folds/FOLD/manifest.json         the split of each fold (held-out cases 'test', the rest 'train')
-    runs/FOLD/METHOD/                training runs (checkpoints, metrics.jsonl)
+    runs/FOLD/METHOD/                training runs (checkpoints, metrics.jsonl); a staged method's earlier
+                                     stages in runs/FOLD/METHOD/STAGE/
     cases/{source,reference,mask}/   the held-out cases on the reference grid (central slab if asked)
     translations/METHOD/CASE.nii.gz  uncertainty/METHOD/CASE.nii.gz (stochastic methods, >= 2 draws)
     records/METHOD/CASE.json         metrics, cost, sample variability; CASE.noise.json; CASE.timing.json
 An interrupted run, started again, reuses finished training runs (and resumes unfinished ones from their
 last checkpoint) and finished translations: a record is written last, only when its case is complete.
+
+A config with several targets gets this layout once per target, in OUT/TARGET/; a multi-target method
+(cldm) is trained once per fold for all of them, in OUT/runs/FOLD/METHOD/, and translates to each.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
 from crossdiff.evaluation.robustness import noise_robustness
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
 from crossdiff.inference import LoadedModel, load_model, translate_volume
+from crossdiff.methods import get_method
 from crossdiff.training import resolve_device
 from crossdiff.volumes import Geometry, Volume, write_volume
 
@@ -88,8 +93,17 @@ class BenchmarkResult:
     hounsfield: bool
 
 
-def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> BenchmarkResult:
-    """Train, translate and score every (fold, method, held-out case), reusing what a previous run finished."""
+def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> list[BenchmarkResult]:
+    """One result per target of the config: OUT itself for one target, OUT/TARGET for several."""
+    if len(config.targets) == 1:
+        return [run_benchmark(config, out, log)]
+    return [run_benchmark(config.for_target(target), out / target, log, shared=out) for target in config.targets]
+
+
+def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
+                  shared: Path | None = None) -> BenchmarkResult:
+    """Train, translate and score every (fold, method, held-out case) for config.target, reusing what a
+    previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
     manifest = _dataset(config)
     folds = _folds(config, manifest)
     device = resolve_device(config.train["training"].get("device"))
@@ -98,8 +112,10 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
     for fold, held_out in folds.items():
         fold_manifest = _fold_manifest(manifest, held_out, out / "folds" / fold / "manifest.json")
         for entry in config.methods:
-            run_dir = out / "runs" / fold / entry.name
-            train_seconds = _train(config, entry, fold_manifest, run_dir, log)
+            every_target = get_method(entry.method).multi_target
+            home = (shared or out) if every_target else out
+            run_dir = home / "runs" / fold / entry.name
+            train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target)
             model = load_model(run_dir, device)
             info = methods.setdefault(
                 entry.name, MethodInfo(entry.name, entry.method, model.method.stochastic, parameter_count(model.method))
@@ -153,12 +169,34 @@ def _fold_manifest(manifest: Manifest, held_out: list[str], path: Path) -> Path:
 
 
 def _train(
-    config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, log: Callable[[str], None]
+    config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, log: Callable[[str], None],
+    every_target: bool = False,
+) -> float | None:
+    """Train a method's stages one after the other (the last one in run_dir, earlier ones in
+    run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage)."""
+    stages = get_method(entry.method).training_stages
+    targets = ",".join(config.targets if every_target else [config.target])
+    total: float | None = 0.0
+    previous = None
+    for stage in stages or [None]:
+        stage_dir = run_dir if stage is None or stage == stages[-1] else run_dir / stage
+        options = ["--target", targets] + ([] if stage is None else ["--stage", stage])
+        seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), manifest, stage_dir, options,
+                               previous, log)
+        total = None if total is None or seconds is None else total + seconds
+        previous = stage_dir
+    return total
+
+
+def _train_stage(
+    config: BenchmarkConfig, name: str, method: str, method_config: dict[str, Any], manifest: Path, run_dir: Path,
+    options: list[str], previous: Path | None, log: Callable[[str], None],
 ) -> float | None:
     """Train through `crossdiff train` unless a finished run with the same settings is there; resume an
-    unfinished one. Returns the training seconds (None when they are unknown for a reused run)."""
+    unfinished one. A stage after the first builds on the `previous` one (cldm's --autoencoder).
+    Returns the training seconds (None when they are unknown for a reused run)."""
     record = run_dir / TRAIN_RECORD
-    settings = yaml.safe_dump({"method": entry.config, **config.train}, sort_keys=True)
+    settings = yaml.safe_dump({"method": method_config, **config.train}, sort_keys=True)
     saved = run_dir / TRAIN_CONFIG
     if saved.is_file() and saved.read_text(encoding="utf-8") != settings:
         raise CrossdiffError(f"{run_dir} was trained with other settings than {config.path} gives now; "
@@ -167,15 +205,16 @@ def _train(
         log(f"reusing the finished run {run_dir}")
         return json.loads(record.read_text(encoding="utf-8")).get("seconds")
     write_text(saved, settings)
-    command = [sys.executable, "-m", "crossdiff", "train", "--method", entry.method, "--manifest", str(manifest),
-               "--source", config.source, "--target", config.target, "--out", str(run_dir)]
+    command = [sys.executable, "-m", "crossdiff", "train", "--method", method, "--manifest", str(manifest),
+               "--source", config.source, "--out", str(run_dir), *options]
     resuming = checkpoints.latest_checkpoint(run_dir) is not None
     command += ["--resume"] if resuming else ["--config", str(saved)]
-    log(f"{'resuming' if resuming else 'training'} {entry.name} in {run_dir}")
+    command += ["--autoencoder", str(previous)] if previous is not None and not resuming else []
+    log(f"{'resuming' if resuming else 'training'} {name} in {run_dir}")
     start = time.perf_counter()
     finished = subprocess.run(command, check=False)
     if finished.returncode != 0:
-        raise CrossdiffError(f"training {entry.name} failed (exit code {finished.returncode}; its message is above); "
+        raise CrossdiffError(f"training {name} failed (exit code {finished.returncode}; its message is above); "
                              "run the benchmark again to resume from the last checkpoint")
     seconds = None if resuming else time.perf_counter() - start  # a resumed run's earlier part went unmeasured
     write_json(record, {"seconds": seconds, "command": command})
@@ -256,7 +295,7 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
     mask_volume = case.reference.with_array(case.mask.astype(np.uint8), modality="mask")
     result, measured = measure(
         lambda: translate_volume(model, case.source, samples=samples, mask=mask_volume, seed=settings["seed"],
-                                 keep_samples=samples > 1),
+                                 keep_samples=samples > 1, target=config.target),
         model.device,
     )
     reference = case.reference.array
@@ -302,7 +341,7 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
     mask_volume = case.reference.with_array(case.mask.astype(np.uint8), modality="mask")
 
     def translate(source: Volume) -> Volume:
-        return translate_volume(model, source, mask=mask_volume, seed=settings["seed"]).mean
+        return translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean
 
     def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         return case_metrics(reference, prediction, mask, settings["metrics"], hounsfield=hounsfield).values
@@ -330,7 +369,8 @@ def _timing(config: BenchmarkConfig, entry: MethodEntry, case: HeldOutCase, mode
         label = " ".join(f"{key}={value}" for key, value in options.items())
         log(f"timing {entry.name} with {label} on {slices} slices of {case.case_id}")
         seed = config.evaluation["seed"]
-        result, measured = measure(partial(translate_volume, model, source, options=options, mask=mask, seed=seed), model.device)
+        result, measured = measure(partial(translate_volume, model, source, options=options, mask=mask, seed=seed,
+                                           target=config.target), model.device)
         rows.append({"options": label, "nfe": result.nfe, "slices": slices, "s_per_slice": measured.seconds / slices})
     write_json(record, plain_json(rows))
     return rows

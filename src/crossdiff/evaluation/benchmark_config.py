@@ -4,12 +4,14 @@
 data: ../data/sarcoma-ct-mr-pet      # dataset folder or manifest, relative to this file
 layout: modality-folders              # optional; detected otherwise
 source: mr
-target: ct
+target: ct                            # or several, [ct, pet]: one report per target, in OUT/<target>/
 test: [STS_003]                       # held-out cases (one split), or `test: leave-one-out` (one fold per case)
 methods:
   - {method: unet}
   - {method: cddpm, name: cddpm-ddim20, config: {sampler: ddim, steps: 20},
      timing: [{sampler: ddpm, steps: 1000}]}   # also time other samplers of the trained model (speed only)
+  - {method: cldm, stages: {diffusion: {sampler: ddim, steps: 20}}}   # one model for every target; each
+                                      # stage trained with `config` plus its own `stages` section
 train:                                # `crossdiff train --config` sections shared by every method
   slices: {size: [64, 64], fit: resize}
   preparation: {registration: rigid}
@@ -32,14 +34,15 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from crossdiff.errors import InputError
+from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.metrics import STANDARDS
+from crossdiff.methods import get_method
 
 TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick")
 TRAIN_SECTIONS = ("slices", "preparation", "training")
@@ -52,13 +55,19 @@ LEAVE_ONE_OUT = "leave-one-out"
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One benchmarked method: a registered `method`, its `name` in tables, its method section, and
-    translation options (e.g. another sampler) whose speed alone is measured on the same trained model."""
+    """One benchmarked method: a registered `method`, its `name` in tables, its method section (plus a
+    section per training stage, for staged methods), and translation options (e.g. another sampler)
+    whose speed alone is measured on the same trained model."""
 
     method: str
     name: str
     config: dict[str, Any] = field(default_factory=dict)
     timing: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stage_config(self, stage: str | None) -> dict[str, Any]:
+        """The method section one training stage (None: an unstaged method) is given."""
+        return {**self.config, **self.stages.get(stage or "", {})}
 
 
 @dataclass(frozen=True)
@@ -67,11 +76,16 @@ class BenchmarkConfig:
     data: Path
     layout: str | None
     source: str
-    target: str
+    target: str  # the target this config's report is about; `targets` holds every one it asks for
     test: list[str] | str
     methods: list[MethodEntry]
     train: dict[str, dict[str, Any]]
     evaluation: dict[str, Any]
+    targets: tuple[str, ...] = ()
+
+    def for_target(self, target: str) -> BenchmarkConfig:
+        """The same benchmark about one of its targets."""
+        return replace(self, target=target)
 
     @property
     def fid_features(self) -> Path | None:
@@ -98,12 +112,14 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
     for key in ("data", "source", "target", "test", "methods"):
         if key not in raw:
             raise InputError(path, f"needs a {key!r} entry")
+    targets = _targets(path, raw["target"])
     return BenchmarkConfig(
         path=path,
         data=_relative(path, raw["data"]),
         layout=raw.get("layout"),
         source=str(raw["source"]).lower(),
-        target=str(raw["target"]).lower(),
+        target=targets[0],
+        targets=targets,
         test=_test_cases(path, raw["test"]),
         methods=_methods(path, raw["methods"]),
         train=_train_sections(path, raw.get("train") or {}),
@@ -127,6 +143,13 @@ def _relative(config: Path, value: Any) -> Path:
     return path if path.is_absolute() else Path(os.path.normpath(config.parent / path))
 
 
+def _targets(path: Path, value: Any) -> tuple[str, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v for v in values) or len({v.lower() for v in values}) != len(values):
+        raise InputError(path, f"'target' must be a modality key or a list of distinct ones, not {value!r}")
+    return tuple(v.lower() for v in values)
+
+
 def _test_cases(path: Path, value: Any) -> list[str] | str:
     if value == LEAVE_ONE_OUT:
         return LEAVE_ONE_OUT
@@ -143,14 +166,26 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
     entries = []
     for item in value:
         item = {"method": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing"}:
-            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config' and 'timing'")
+        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing", "stages"}:
+            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config', 'timing' "
+                                   "and 'stages'")
+        stages = item.get("stages") or {}
+        if not isinstance(stages, dict) or not all(isinstance(section, dict) for section in stages.values()):
+            raise InputError(path, f"'stages' of {item['method']} must map stage names to method sections")
+        try:
+            known = get_method(str(item["method"])).training_stages
+        except CrossdiffError as error:
+            raise InputError(path, str(error)) from None
+        if set(stages) - set(known):
+            raise InputError(path, f"{item['method']} has no training stage {', '.join(sorted(set(stages) - set(known)))}; "
+                                   f"its stages: {', '.join(known) or 'none (it trains in one go)'}")
         timing = item.get("timing") or []
         if not isinstance(timing, list) or not all(isinstance(options, dict) and options for options in timing):
             raise InputError(path, f"'timing' of {item['method']} must list translation options, e.g. "
                                    "[{sampler: ddpm, steps: 1000}]")
         entries.append(MethodEntry(str(item["method"]), str(item.get("name", item["method"])),
-                                   dict(item.get("config") or {}), [dict(options) for options in timing]))
+                                   dict(item.get("config") or {}), [dict(options) for options in timing],
+                                   {str(stage): dict(section) for stage, section in stages.items()}))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -33,7 +33,8 @@ def benchmark_table(result: BenchmarkResult) -> Table:
     """Mean of the main metrics over the held-out cases, and the inference cost, one row per method
     (the per-tissue MAE is in results.csv and the report)."""
     metrics = [m for m in result.runs[0].metrics if not m.startswith("mae_")]
-    table = Table(title=f"benchmark: mean over {len({r.case for r in result.runs})} held-out case(s)")
+    cases = len({r.case for r in result.runs})
+    table = Table(title=f"benchmark {result.config.source} -> {result.config.target}: mean over {cases} held-out case(s)")
     for column in ("method", *metrics, "s / slice", "NFE"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for name in result.methods:

@@ -71,6 +71,11 @@ class Method(ABC):
     # False for methods that learn from unpaired data (CycleGAN): `crossdiff train` then gives them an
     # UnpairedSliceDataset, whose batches hold 'source', 'source_mask', 'target', 'target_mask'
     paired: ClassVar[bool] = True
+    # True for one model that makes several targets, chosen at translation (cldm: `--target ct,mr`)
+    multi_target: ClassVar[bool] = False
+    # the stages `crossdiff train --stage` trains one after the other, each building on the previous
+    # (cldm: autoencoder, then diffusion); empty for methods trained in one go
+    training_stages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
         self.config = dict(config)

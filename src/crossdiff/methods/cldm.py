@@ -98,6 +98,8 @@ class ConditionalLatentDiffusion(Method):
 
     name: ClassVar[str] = "cldm"
     stochastic: ClassVar[bool] = True
+    multi_target: ClassVar[bool] = True
+    training_stages: ClassVar[tuple[str, ...]] = ("autoencoder", "diffusion")  # the keys of STAGES, in order
     stage: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
 
