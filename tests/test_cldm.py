@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from helpers import SARCOMA, require_shared
+from torch.utils.data import default_collate
 from typer.testing import CliRunner
 
 from crossdiff import read_volume
@@ -27,8 +28,8 @@ from crossdiff.errors import CrossdiffError
 from crossdiff.inference import ModelSpec, load_method
 from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec
-from crossdiff.methods.cldm import LatentDiffusion, reconstruction_quality
-from crossdiff.training import TrainConfig, seed_everything, train
+from crossdiff.methods.cldm import LatentDiffusion, reconstruction_quality, stage_datasets
+from crossdiff.training import TrainConfig, _validation_translation, seed_everything, train
 
 SLICES = SliceConfig(size=(32, 32), fit="resize", context=0, seed=0)
 DATA = DataSpec(SLICES.channels, 1, SLICES.size)
@@ -183,6 +184,29 @@ def test_both_stages_and_translate_with_a_target_from_the_command_line(tmp_path)
     unbased = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "unbased")])
     assert "starts from a trained autoencoder" in str(unbased.exception)
     assert not any((tmp_path / name).exists() for name in ("mr.nii.gz", "unet", "unbased"))
+
+
+def test_validation_translates_every_target_into_its_own_code(cases, tmp_path):
+    """Stage 2 is validated on every target: the validation set holds each code's slices, and the
+    training loop translates each item into its own code (as translate(target=code) does)."""
+    training = [cases[cid] for cid in TRAINING]
+    _, validation = stage_datasets({"stage": "diffusion", "targets": TARGETS}, training, [cases[HELD_OUT]], "mr", SLICES)
+    codes = [validation[i]["code"] for i in range(len(validation))]
+    assert sorted(set(codes)) == TARGETS
+    picked = [codes.index("ct"), codes.index("pet"), len(codes) - 1 - codes[::-1].index("ct")]
+    batch = default_collate([validation[i] for i in picked])
+    seed_everything(0)
+    ae = get_method("cldm")({"stage": "autoencoder", "targets": TARGETS, "autoencoder": AUTOENCODER}, DATA)
+    train(ae, MultiTargetSliceDataset(training, None, TARGETS, SLICES), None,
+          TrainConfig(steps=1, batch_size=4, device="cpu"), tmp_path / "ae")
+    method = LatentDiffusion.from_autoencoder(tmp_path / "ae", {"targets": TARGETS, **DIFFUSION, "steps": 2}, DATA,
+                                              MultiTargetSliceDataset(training, "mr", TARGETS, SLICES))
+    made = _validation_translation(method, batch, torch.Generator().manual_seed(3), {})
+    generator = torch.Generator().manual_seed(3)  # the same stream, code by code in order of appearance
+    ct = method.translate(batch["source"][[0, 2]], generator, target="ct").mean
+    pet = method.translate(batch["source"][[1]], generator, target="pet").mean
+    assert torch.equal(made[[0, 2]], ct) and torch.equal(made[[1]], pet)
+    assert not torch.equal(pet, method.translate(batch["source"][[1]], torch.Generator().manual_seed(3), target="ct").mean)
 
 
 def test_a_single_target_model_refuses_other_targets(cases):

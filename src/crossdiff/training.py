@@ -369,7 +369,8 @@ def inference_modules(method: Method, modules: dict[str, nn.Module]) -> Iterator
 
 @torch.no_grad()
 def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean validation loss, and MAE and PSNR on the [-1, 1] scale inside the mask (peak-to-peak 2)."""
+    """Mean validation loss, and MAE and PSNR on the [-1, 1] scale inside the mask (peak-to-peak 2).
+    Items with a target 'code' (multi-target datasets) are translated into their own target."""
     generator = torch.Generator(device).manual_seed(stream_seed(config.seed, VALIDATION_STREAM))
     loss = error = squared = pixels = 0.0
     count = 0
@@ -378,7 +379,7 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
         size = batch["source"].shape[0]
         with _autocast(device, config.precision):
             loss += method.validation_loss(batch, generator) * size
-            prediction = method.translate(batch["source"], generator, samples=1, **config.val_options).mean
+            prediction = _validation_translation(method, batch, generator, config.val_options)
         difference = (prediction.float() - batch["target"].float()) * batch["mask"]
         error += float(difference.abs().sum())
         squared += float(difference.square().sum())
@@ -390,6 +391,20 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
         "val_mae": error / max(pixels, 1.0),
         "val_psnr": 10.0 * math.log10(4.0 / mse) if mse > 0 else math.inf,
     }
+
+
+def _validation_translation(method: Method, batch: dict[str, Any], generator: torch.Generator,
+                            options: dict[str, Any]) -> torch.Tensor:
+    """One draw per item; items of a multi-target batch are translated code by code, each into its target."""
+    codes = batch.get("code")
+    if codes is None:
+        return method.translate(batch["source"], generator, samples=1, **options).mean
+    prediction = torch.empty_like(batch["target"])
+    for code in dict.fromkeys(codes):
+        rows = [i for i, item in enumerate(codes) if item == code]
+        prediction[rows] = method.translate(batch["source"][rows], generator, samples=1, target=code, **options).mean.to(
+            prediction.dtype)
+    return prediction
 
 
 # ----------------------------------------------------------------------------------- reporting

@@ -370,12 +370,12 @@ def stage_datasets(
 ) -> tuple[MultiTargetSliceDataset, MultiTargetSliceDataset | None]:
     """The slices the stage of `config` learns from and is validated on. Stage 1: every target's own
     slices, and no validation set (it does not translate; score it with `reconstruction_quality`).
-    Stage 2: source and target slices with their codes, validated on the first target alone, because
-    the training loop's validation translates without a code, i.e. into the default target."""
+    Stage 2: source and target slices with their codes, validated on every target (the training loop
+    translates each validation item into its own code's target)."""
     targets = list(config.get("targets", SHARED_DEFAULTS["targets"]))
     if config.get("stage", SHARED_DEFAULTS["stage"]) == AutoencoderStage.stage:
         return MultiTargetSliceDataset(train_cases, None, targets, slices, augment=True), None
-    validation = MultiTargetSliceDataset(val_cases, source, targets[:1], slices) if val_cases else None
+    validation = MultiTargetSliceDataset(val_cases, source, targets, slices) if val_cases else None
     return MultiTargetSliceDataset(train_cases, source, targets, slices, augment=True), validation
 
 
