@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -36,6 +35,7 @@ from crossdiff.data.layouts import scan
 from crossdiff.data.manifest import save_manifest
 from crossdiff.evaluation.metrics import synthrad_metrics
 from crossdiff.inference import load_model, translate_volume
+from crossdiff.train_command import train_with_command
 from crossdiff.volumes import Geometry, Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,32 +107,10 @@ def _train(args: argparse.Namespace, run_dir: Path) -> float | None:
         },
     }
     (run_dir / "benchmark-config.yaml").write_text(yaml.safe_dump(config))
-    command = [
-        sys.executable,
-        "-m",
-        "crossdiff",
-        "train",
-        "--method",
-        "cddpm",
-        "--manifest",
-        str(run_dir / "manifest.json"),
-        "--source",
-        "mr",
-        "--target",
-        "ct",
-        "--out",
-        str(run_dir),
-        "--config",
-        str(run_dir / "benchmark-config.yaml"),
-    ]
-    if (run_dir / "checkpoints" / "latest").exists():
-        command += ["--resume"]
-        command = [c for c in command if c not in ("--config", str(run_dir / "benchmark-config.yaml"))]
-    start = time.perf_counter()
-    subprocess.run(command, check=True)
-    seconds = time.perf_counter() - start
-    record.write_text(json.dumps({"seconds": seconds, "command": shlex.join(command)}))
-    return seconds
+    run = train_with_command("cddpm", run_dir / "manifest.json", run_dir, run_dir / "benchmark-config.yaml",
+                             ["--source", "mr", "--target", "ct"])
+    record.write_text(json.dumps({"seconds": run.seconds, "command": shlex.join(run.command)}))
+    return run.seconds
 
 
 def _test_slab(args: argparse.Namespace, preparation: PreparationConfig) -> tuple[Volume, np.ndarray, np.ndarray]:

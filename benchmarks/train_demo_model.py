@@ -18,9 +18,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
-import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from crossdiff.checkpoints import export_checkpoint, latest_checkpoint, read_con
 from crossdiff.data.layouts import scan
 from crossdiff.data.manifest import save_manifest
 from crossdiff.demo import SAMPLE_CASE, SAMPLE_DIR
+from crossdiff.train_command import train_with_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sarcoma-ct-mr-pet"
@@ -44,15 +42,9 @@ def main() -> None:
     for case_id, entry in manifest.cases.items():
         entry.split = "train" if case_id in TRAINING_CASES else "test"
     save_manifest(manifest, run_dir / "manifest.json")
-    command = [sys.executable, "-m", "crossdiff", "train", "--method", args.method, "--manifest",
-               str(run_dir / "manifest.json"), "--source", "mr", "--target", "ct", "--out", str(run_dir)]
-    resuming = latest_checkpoint(run_dir) is not None
-    command += ["--resume"] if resuming else ["--config", str(args.config)]
-    start = time.perf_counter()
-    subprocess.run(command, check=True)
-    seconds = time.perf_counter() - start
+    run = train_with_command(args.method, run_dir / "manifest.json", run_dir, args.config, ["--source", "mr", "--target", "ct"])
     checkpoint = latest_checkpoint(run_dir)
-    record = _record(args, run_dir, checkpoint, seconds, resuming)
+    record = _record(args, run_dir, checkpoint, run.seconds, run.resumed)
     export_checkpoint(checkpoint, args.out, record)
     if args.out.resolve().parent == SAMPLE_DIR.resolve():
         _write_checksums(SAMPLE_DIR)

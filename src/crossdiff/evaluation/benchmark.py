@@ -22,9 +22,6 @@ A config with several targets gets this layout once per target, in OUT/TARGET/; 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -49,6 +46,7 @@ from crossdiff.evaluation.robustness import noise_robustness
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
 from crossdiff.inference import LoadedModel, load_model, translate_volume
 from crossdiff.methods import get_method
+from crossdiff.train_command import train_with_command
 from crossdiff.training import resolve_device
 from crossdiff.volumes import Geometry, Volume, write_volume
 
@@ -205,19 +203,11 @@ def _train_stage(
         log(f"reusing the finished run {run_dir}")
         return json.loads(record.read_text(encoding="utf-8")).get("seconds")
     write_text(saved, settings)
-    command = [sys.executable, "-m", "crossdiff", "train", "--method", method, "--manifest", str(manifest),
-               "--source", config.source, "--out", str(run_dir), *options]
-    resuming = checkpoints.latest_checkpoint(run_dir) is not None
-    command += ["--resume"] if resuming else ["--config", str(saved)]
-    command += ["--autoencoder", str(previous)] if previous is not None and not resuming else []
-    log(f"{'resuming' if resuming else 'training'} {name} in {run_dir}")
-    start = time.perf_counter()
-    finished = subprocess.run(command, check=False)
-    if finished.returncode != 0:
-        raise CrossdiffError(f"training {name} failed (exit code {finished.returncode}; its message is above); "
-                             "run the benchmark again to resume from the last checkpoint")
-    seconds = None if resuming else time.perf_counter() - start  # a resumed run's earlier part went unmeasured
-    write_json(record, {"seconds": seconds, "command": command})
+    log(f"{'resuming' if checkpoints.latest_checkpoint(run_dir) else 'training'} {name} in {run_dir}")
+    run = train_with_command(method, manifest, run_dir, saved, ["--source", config.source, *options],
+                             [] if previous is None else ["--autoencoder", str(previous)])
+    seconds = None if run.resumed else run.seconds  # a resumed run's earlier part went unmeasured
+    write_json(record, {"seconds": seconds, "command": run.command})
     return seconds
 
 
