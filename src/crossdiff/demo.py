@@ -71,6 +71,15 @@ def sample_entry(sample_dir: Path = SAMPLE_DIR) -> CaseEntry:
     return CaseEntry(images={key: sample_dir / SAMPLE_CASE / f"{key}.nii.gz" for key in SAMPLE_MODALITIES})
 
 
+def scoring_reference(mr: Volume, ct: Volume, body: Volume, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The real CT rigidly registered onto the MR (HU), and where to score: where both scans see the
+    body. The CT's own outline (found on its whole field of view, then carried over) removes the
+    skin-edge misalignment."""
+    aligned = register(mr, ct, "rigid", seed=seed)
+    ct_body = resample_to(body_mask(ct), mr, "nearest", 0, transform=aligned.transform).array.astype(bool)
+    return aligned.volume.array, body.array.astype(bool) & ct_body & coverage(ct, mr, aligned.transform)
+
+
 def run_demo(
     out: Path,
     device: str = "cpu",
@@ -94,13 +103,8 @@ def run_demo(
     options = {} if steps is None else {"steps": steps}
     translation = translate_volume(model, mr, samples=samples, options=options, mask=body, seed=seed,
                                    progress=progress)
-    ct = read_volume(entry.images["ct"], modality="CT")
-    aligned = register(mr, ct, "rigid", seed=seed)  # the real CT in the MR's frame, to score against
-    # scored where both scans see the body: the CT's own outline (found on its whole field of view, then
-    # carried over) removes the skin-edge misalignment
-    ct_body = resample_to(body_mask(ct), mr, "nearest", 0, transform=aligned.transform).array.astype(bool)
-    region = body.array.astype(bool) & ct_body & coverage(ct, mr, aligned.transform)
-    reference, synthetic = aligned.volume.array, translation.mean.array
+    reference, region = scoring_reference(mr, read_volume(entry.images["ct"], modality="CT"), body, seed)
+    synthetic = translation.mean.array
     metrics = case_metrics(reference, synthetic, region).values
     spread = translation.std.array if translation.std is not None else np.zeros_like(synthetic)
     error = synthetic - reference
