@@ -221,6 +221,11 @@ class HeldOutCase:
     reference: Volume
     mask: np.ndarray
 
+    @property
+    def mask_volume(self) -> Volume:
+        """The mask as a volume on the reference grid (what translate_volume and the saved files take)."""
+        return self.reference.with_array(self.mask.astype(np.uint8), modality="mask")
+
 
 def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, model: LoadedModel, out: Path) -> HeldOutCase:
     """The case prepared as the model's training data was (registration included), on the reference grid,
@@ -229,12 +234,12 @@ def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, mo
     prepared = prepare_case(case_id, manifest.cases[case_id], preparation, out / "cache")
     start, stop = _slab_range(prepared.mask, config.evaluation["slices"])
     source, reference = (_slab(prepared.physical(key), start, stop) for key in (config.source, config.target))
-    mask = prepared.mask[start:stop]
-    for kind, volume in (("source", source), ("reference", reference), ("mask", reference.with_array(mask.astype(np.uint8)))):
+    case = HeldOutCase(case_id, source, reference, prepared.mask[start:stop])
+    for kind, volume in (("source", source), ("reference", reference), ("mask", case.mask_volume)):
         target = out / "cases" / kind / f"{case_id}.nii.gz"
         if not target.is_file():
             write_volume(volume, target)
-    return HeldOutCase(case_id, source, reference, mask)
+    return case
 
 
 def _slab_range(mask: np.ndarray, slices: int | None) -> tuple[int, int]:
@@ -282,9 +287,8 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
                          hounsfield: bool) -> dict[str, Any]:
     settings = config.evaluation
     samples = settings["samples"] if model.method.stochastic else 1
-    mask_volume = case.reference.with_array(case.mask.astype(np.uint8), modality="mask")
     result, measured = measure(
-        lambda: translate_volume(model, case.source, samples=samples, mask=mask_volume, seed=settings["seed"],
+        lambda: translate_volume(model, case.source, samples=samples, mask=case.mask_volume, seed=settings["seed"],
                                  keep_samples=samples > 1, target=config.target),
         model.device,
     )
@@ -328,7 +332,7 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
         return json.loads(record.read_text(encoding="utf-8"))
     settings = config.evaluation
     log(f"noise robustness of {name} on {case.case_id}")
-    mask_volume = case.reference.with_array(case.mask.astype(np.uint8), modality="mask")
+    mask_volume = case.mask_volume
 
     def translate(source: Volume) -> Volume:
         return translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean
@@ -352,7 +356,7 @@ def _timing(config: BenchmarkConfig, entry: MethodEntry, case: HeldOutCase, mode
         return json.loads(record.read_text(encoding="utf-8"))
     start, stop = _slab_range(case.mask, config.evaluation["timing_slices"])
     source = _slab(case.source, start, stop)
-    mask = _slab(case.reference.with_array(case.mask.astype(np.uint8), modality="mask"), start, stop)
+    mask = _slab(case.mask_volume, start, stop)
     slices = int(mask.array.any(axis=(1, 2)).sum())
     rows = []
     for options in entry.timing:
