@@ -1,5 +1,5 @@
 """Where does the demo's synthetic CT go wrong? Its error inside the body by tissue of the real CT, and
-the MR intensity of fat and muscle in each sarcoma patient (what the model has to generalise across).
+whether each sarcoma patient's MR shows that tissue where its CT does.
 
 1. `run_demo` (default settings) translates the bundled STS_003 MR; its sCT is compared with the real CT
    registered and masked exactly as the demo scores it (crossdiff.demo.scoring_reference).
@@ -7,8 +7,11 @@ the MR intensity of fat and muscle in each sarcoma patient (what the model has t
    adipose window), water and muscle [-30, 150), dense soft tissue [150, 300), bone >= 300. For each:
    share of the voxels, MAE, ME (sCT - CT), and its contribution to the overall MAE (sum of its
    absolute errors over all voxels), so the contributions add up to the MAE.
-3. Each patient's MR (raw units, rigidly registered onto its CT as for training) inside the body:
-   median at the CT's fat and muscle voxels, and the 0.5/99.5 percentiles the percentile scaling uses.
+3. Is the MR at fault, or the pairing? Each patient's MR is split inside the body by Otsu's threshold
+   into a bright (fat-like on T1) and a dark class, using the MR alone; then, on the CT grid after
+   registration, the share of the real CT's fat (and muscle) voxels that the MR puts in its bright class.
+   Alignments: rigid (as the demo model trains), B-spline, and rigid after N4 bias-field correction
+   (SimpleITK, on the MR inside the body), so neither registration nor coil shading can hide a cause.
 
 Run:  python benchmarks/demo_errors.py [--out benchmarks/results]   (needs ../shared/data)
 Writes OUT/demo-errors.md and OUT/demo-errors.json.
@@ -23,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
+from skimage.filters import threshold_otsu
 
 from crossdiff import read_volume
 from crossdiff.data.cases import PreparationConfig, prepare_case
@@ -35,6 +40,7 @@ DATA = REPO.parent / "shared" / "data" / "sarcoma-ct-mr-pet"
 CLASSES = {"air": (-np.inf, -500.0), "low density": (-500.0, -190.0), "fat": (-190.0, -30.0),
            "water and muscle": (-30.0, 150.0), "dense soft tissue": (150.0, 300.0), "bone": (300.0, np.inf)}
 FAT, MUSCLE = (-190.0, -30.0), (10.0, 100.0)
+ALIGNMENTS = ("rigid", "bspline", "rigid + N4")
 
 
 def main() -> None:
@@ -68,16 +74,34 @@ def _tissues() -> dict:
 
 def _patients() -> list[dict]:
     manifest = scan(DATA, layout="modality-folders")
-    preparation = PreparationConfig(modalities=["mr", "ct"], reference="ct", registration="rigid")
     rows = []
-    for case_id, entry in manifest.cases.items():
-        case = prepare_case(case_id, entry, preparation)
-        mr, ct, body = case.physical("mr").array, case.physical("ct").array, case.mask
-        fat, muscle = (body & (ct >= low) & (ct < high) for low, high in (FAT, MUSCLE))
-        low, high = np.percentile(mr[body], [0.5, 99.5])
-        rows.append({"case": case_id, "mr_fat": float(np.median(mr[fat])), "mr_muscle": float(np.median(mr[muscle])),
-                     "fat_share": float(fat.sum() / body.sum()), "mr_p0_5": float(low), "mr_p99_5": float(high)})
+    for alignment in ALIGNMENTS:
+        registration = "bspline" if alignment == "bspline" else "rigid"
+        preparation = PreparationConfig(modalities=["mr", "ct"], reference="ct", registration=registration)
+        for case_id, entry in manifest.cases.items():
+            case = prepare_case(case_id, entry, preparation)
+            mr, ct, body = case.physical("mr").array.astype(np.float64), case.physical("ct").array, case.mask
+            if alignment == "rigid + N4":
+                mr = _bias_corrected(mr, body)
+            bright = body & (mr >= threshold_otsu(mr[body]))
+            fat, muscle = (body & (ct >= low) & (ct < high) for low, high in (FAT, MUSCLE))
+            rows.append({"case": case_id, "alignment": alignment,
+                         "mr_bright": float(np.median(mr[bright])), "mr_dark": float(np.median(mr[body & ~bright])),
+                         "mr_bright_share": float(bright.sum() / body.sum()), "ct_fat_share": float(fat.sum() / body.sum()),
+                         "bright_given_ct_fat": float((bright & fat).sum() / fat.sum()),
+                         "bright_given_ct_muscle": float((bright & muscle).sum() / muscle.sum()),
+                         "mr_at_ct_fat": float(np.median(mr[fat])), "mr_at_ct_muscle": float(np.median(mr[muscle]))})
     return rows
+
+
+def _bias_corrected(mr: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """N4 (SimpleITK) fitted on a 2x shrunk copy inside the body, its bias field divided out at full size."""
+    image = sitk.GetImageFromArray(np.maximum(mr, 1.0).astype(np.float32))
+    mask = sitk.GetImageFromArray(body.astype(np.uint8))
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([50] * 4)
+    corrector.Execute(sitk.Shrink(image, [2] * 3), sitk.Shrink(mask, [2] * 3))
+    return mr / np.exp(sitk.GetArrayFromImage(corrector.GetLogBiasFieldAsImage(image)))
 
 
 def _markdown(result: dict) -> str:
@@ -93,13 +117,16 @@ def _markdown(result: dict) -> str:
         low, high = row["hu"]
         lines.append(f"| {row['tissue']} | [{low:g}, {high:g}) | {row['share']:.3f} | {row['mae']:.1f} | {row['me']:+.1f} | "
                      f"{row['mae_contribution']:.1f} |")
-    lines += ["", "MR intensity (raw units, rigidly registered onto the CT, inside the body) of each patient's fat "
-              f"(CT {FAT[0]:g} to {FAT[1]:g} HU) and muscle (CT {MUSCLE[0]:g} to {MUSCLE[1]:g} HU):", "",
-              "| case | MR fat (median) | MR muscle (median) | fat / muscle | fat share of the body | MR 0.5 / 99.5 percentile |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Each patient's MR (raw units) split inside the body by Otsu's threshold into a bright (fat-like) and a dark "
+              f"class, and how often the real CT's fat (CT {FAT[0]:g} to {FAT[1]:g} HU) and muscle ({MUSCLE[0]:g} to "
+              f"{MUSCLE[1]:g} HU) voxels fall in the MR's bright class once the MR is aligned onto the CT:", "",
+              "| case | alignment | MR bright / dark median | MR bright share | CT fat share | P(MR bright \\| CT fat) | "
+              "P(MR bright \\| CT muscle) | MR median at CT fat / muscle |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in result["patients"]:
-        lines.append(f"| {row['case']} | {row['mr_fat']:.0f} | {row['mr_muscle']:.0f} | {row['mr_fat'] / row['mr_muscle']:.2f} | "
-                     f"{row['fat_share']:.2f} | {row['mr_p0_5']:.0f} / {row['mr_p99_5']:.0f} |")
+        lines.append(f"| {row['case']} | {row['alignment']} | {row['mr_bright']:.0f} / {row['mr_dark']:.0f} | "
+                     f"{row['mr_bright_share']:.2f} | {row['ct_fat_share']:.2f} | {row['bright_given_ct_fat']:.2f} | "
+                     f"{row['bright_given_ct_muscle']:.2f} | {row['mr_at_ct_fat']:.0f} / {row['mr_at_ct_muscle']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
