@@ -463,6 +463,9 @@ def test_report_embeds_figures_and_escapes_text(cts, tmp_path):
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the panels are a grid: source, reference, a, b on top; the std and each method's error below
+    width, height = (int.from_bytes(paths[0].read_bytes()[offset : offset + 4], "big") for offset in (16, 20))
+    assert width / height == pytest.approx((4 * 3.2) / (2 * 3.6), rel=0.01)
     table = Table.from_records([{"method": "a <b>", "mae": float(np.mean(maes["a"])), "fid": None}], caption="per method")
     markdown, page = write_report(tmp_path, "Test report", [Section("Results", "MAE & co.\n\nSecond paragraph", [table],
                                                                     [(paths[1], "MAE per slice")])])

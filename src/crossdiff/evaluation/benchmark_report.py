@@ -232,8 +232,9 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
 
 def _panel_caption(result: BenchmarkResult, case: str) -> str:
     stochastic = [n for n, info in result.methods.items() if info.stochastic]
-    std = f"; uncertainty: std of the {stochastic[0]} draws" if stochastic and result.config.evaluation["samples"] > 1 else ""
-    return f"Central slice of {case}: source, reference, each method, each method's absolute error{std}"
+    drawn = stochastic and result.config.evaluation["samples"] > 1
+    std = f"; under the reference, the std of the {stochastic[0]} draws" if drawn else ""
+    return f"Central slice of {case}: source, reference and each method; under each method its absolute error{std}"
 
 
 # ------------------------------------------------------------------------------------------ sections

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from crossdiff.evaluation.variability import CalibrationBin  # noqa: E402
-from crossdiff.preview import Panel, save_figure, save_panels  # noqa: E402
+from crossdiff.preview import Panel, save_figure, save_panel_grid  # noqa: E402
 
 CT_WINDOW = (-160.0, 240.0)  # soft-tissue window (level 40, width 400 HU)
 
@@ -30,19 +30,20 @@ def comparison_panels(
     aspect: float = 1.0,
     title: str | None = None,
 ) -> Path:
-    """One slice side by side: source, reference, each method, each method's |error| (blank outside `mask`,
-    where metrics do not look), and an uncertainty map."""
+    """One slice as a grid: source, reference and each method on the top row; under each method its
+    |error| (blank outside `mask`, where metrics do not look), and under the reference the uncertainty map."""
     low, high = np.percentile(source, [1, 99])
     inside = np.ones(reference.shape, bool) if mask is None else mask.astype(bool)
-    panels = [Panel("source", source, float(low), float(high)), Panel("reference", reference, *window)]
-    panels += [Panel(name, image, *window) for name, image in predictions.items()]
-    panels += [
+    images = [Panel("source", source, float(low), float(high)), Panel("reference", reference, *window)]
+    images += [Panel(name, image, *window) for name, image in predictions.items()]
+    spread = None
+    if uncertainty is not None:
+        spread = Panel("uncertainty (std)", uncertainty, 0.0, float(np.percentile(uncertainty, 99)) or 1.0, "viridis")
+    errors = [
         Panel(f"|error| {name}", np.where(inside, np.abs(image - reference), np.nan), 0.0, error_max, "magma")
         for name, image in predictions.items()
     ]
-    if uncertainty is not None:
-        panels.append(Panel("uncertainty (std)", uncertainty, 0.0, float(np.percentile(uncertainty, 99)) or 1.0, "viridis"))
-    return save_panels(panels, path, title=title, aspect=aspect)
+    return save_panel_grid([images, [None, spread, *errors]], path, title=title, aspect=aspect)
 
 
 def box_plots(path: Path, values: Mapping[str, Mapping[str, Sequence[float]]], labels: Mapping[str, str] | None = None) -> Path:
