@@ -4,8 +4,10 @@
    imports, model loading, translation, registration of the real CT and the report).
 2. Its summary.json gives the MAE/PSNR/SSIM of the sCT inside the body against the registered real CT
    and the Spearman correlation of the uncertainty map with the absolute error.
-3. The UNet regression baseline is trained on the same patients with the same slices and budget
-   (benchmarks/train_demo_model.py --method unet) and scored by the same demo pipeline.
+3. Other models are trained on the same patients with the same grid, slices and budget
+   (benchmarks/train_demo_model.py --method M --config benchmarks/configs/demo-M.yaml) and scored by the
+   same demo pipeline: the UNet regression baseline, and SynDiff (4 adversarial steps), the other
+   few-step diffusion method, as a candidate for the shipped model.
 
 Targets (issue 8): under 60 s on 2 CPU cores, MAE under 100 HU, positive Spearman.
 Run:  python benchmarks/demo.py [--repeat 2] [--out benchmarks/results]
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -27,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from crossdiff.demo import run_demo
+from crossdiff.demo import DEFAULT_SAMPLES, run_demo
+from crossdiff.methods import get_method
 
 REPO = Path(__file__).resolve().parents[1]
-UNET_RUN = REPO / "benchmarks" / "runs" / "demo-unet"
+COMPARED = ("unet", "syndiff")  # each trained with benchmarks/configs/demo-METHOD.yaml
 TARGETS = {"seconds": 60.0, "mae": 100.0, "spearman": 0.0}
 
 
@@ -38,7 +42,7 @@ def main() -> None:
     args = _arguments()
     with tempfile.TemporaryDirectory() as scratch:
         runs = [_timed_demo(Path(scratch) / f"demo-{i}") for i in range(args.repeat)]
-        baseline = _unet_baseline(Path(scratch) / "unet")
+        compared = {method: _compared(method, Path(scratch) / method) for method in COMPARED}
     demo = runs[-1]["summary"]
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -47,7 +51,7 @@ def main() -> None:
         "wall_seconds": [round(r["seconds"], 1) for r in runs],
         "demo": {key: demo[key] for key in ("method", "samples", "sampler", "steps", "nfe_per_draw", "metrics",
                                              "spearman_uncertainty_error", "training_record")},
-        "unet_baseline": baseline,
+        "compared": compared,
         "targets": TARGETS,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,29 +74,35 @@ def _timed_demo(out: Path) -> dict:
     return {"seconds": seconds, "summary": json.loads((out / "summary.json").read_text())}
 
 
-def _unet_baseline(out: Path) -> dict:
-    """Train (or reuse) the UNet on the demo model's data and budget, then score it like the demo."""
-    model = UNET_RUN / "model"
+def _compared(method: str, out: Path) -> dict:
+    """Train (or reuse) `method` on the demo model's data and budget, then score it like the demo (a
+    stochastic method with the demo's number of draws)."""
+    model = REPO / "benchmarks" / "runs" / f"demo-{method}" / "model"
     if not model.is_dir():
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_demo_model.py"), "--method", "unet",
-                        "--config", str(REPO / "benchmarks" / "configs" / "demo-unet.yaml"), "--out", str(model)],
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_demo_model.py"), "--method", method,
+                        "--config", str(REPO / "benchmarks" / "configs" / f"demo-{method}.yaml"), "--out", str(model)],
                        check=True)
-    result = run_demo(out, samples=1, model_dir=model)
+    result = run_demo(out, samples=DEFAULT_SAMPLES if get_method(method).stochastic else 1, model_dir=model)
     record = json.loads((model / "training-record.json").read_text())
-    return {"metrics": result.metrics, "seconds": round(result.seconds, 1), "training_record": record}
+    return {"metrics": result.metrics, "samples": result.samples, "nfe_per_draw": result.nfe,
+            "spearman": None if math.isnan(result.spearman) else result.spearman, "seconds": round(result.seconds, 1),
+            "training_record": record}
 
 
 def _markdown(result: dict) -> str:
-    demo, unet = result["demo"], result["unet_baseline"]
+    demo = result["demo"]
     record = demo["training_record"]
     spearman = demo["spearman_uncertainty_error"]
     rows = [
-        f"| {demo['method']} (mean of {demo['samples']} draws, {demo['sampler']} {demo['steps']} steps) | "
+        f"| {demo['method']}, shipped (mean of {demo['samples']} draws, {demo['sampler']} {demo['steps']} steps) | "
         f"{demo['metrics']['mae']:.1f} | {demo['metrics']['psnr']:.2f} | {demo['metrics']['ssim']:.3f} | "
         f"{spearman['rho']:.3f} |",
-        f"| unet (same data and budget) | {unet['metrics']['mae']:.1f} | {unet['metrics']['psnr']:.2f} | "
-        f"{unet['metrics']['ssim']:.3f} | n/a (deterministic) |",
     ]
+    for method, other in result["compared"].items():
+        drawn = f"mean of {other['samples']} draws, {other['nfe_per_draw']} steps" if other["samples"] > 1 else "one pass"
+        rho = "n/a (deterministic)" if other["spearman"] is None else f"{other['spearman']:.3f}"
+        rows.append(f"| {method} ({drawn}; same data and budget) | {other['metrics']['mae']:.1f} | "
+                    f"{other['metrics']['psnr']:.2f} | {other['metrics']['ssim']:.3f} | {rho} |")
     return "\n".join([
         "# crossdiff demo: targets and measurements",
         "",

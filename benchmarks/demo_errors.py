@@ -12,6 +12,9 @@ whether each sarcoma patient's MR shows that tissue where its CT does.
    registration, the share of the real CT's fat (and muscle) voxels that the MR puts in its bright class.
    Alignments: rigid (as the demo model trains), B-spline, and rigid after N4 bias-field correction
    (SimpleITK, on the MR inside the body), so neither registration nor coil shading can hide a cause.
+4. Reference points on the demo's voxels: a constant at the training patients' median HU (a fair
+   baseline), and two bounds fitted on the held-out patient itself: its own median HU, and the best
+   map from MR intensity to HU (the median HU of each MR intensity bin).
 
 Run:  python benchmarks/demo_errors.py [--out benchmarks/results]   (needs ../shared/data)
 Writes OUT/demo-errors.md and OUT/demo-errors.json.
@@ -41,6 +44,8 @@ CLASSES = {"air": (-np.inf, -500.0), "low density": (-500.0, -190.0), "fat": (-1
            "water and muscle": (-30.0, 150.0), "dense soft tissue": (150.0, 300.0), "bone": (300.0, np.inf)}
 FAT, MUSCLE = (-190.0, -30.0), (10.0, 100.0)
 ALIGNMENTS = ("rigid", "bspline", "rigid + N4")
+TRAINING_CASES = ("STS_001", "STS_002")  # the demo model's
+INTENSITY_BINS = 64
 
 
 def main() -> None:
@@ -69,7 +74,28 @@ def _tissues() -> dict:
         rows.append({"tissue": name, "hu": [low, high], "share": float(inside.mean()),
                      "mae": float(np.abs(error[inside]).mean()), "me": float(error[inside].mean()),
                      "mae_contribution": float(np.abs(error[inside]).sum() / error.size)})
-    return {"demo_mae": demo.metrics["mae"], "mae": float(np.abs(error).mean()), "voxels": int(error.size), "rows": rows}
+    return {"demo_mae": demo.metrics["mae"], "mae": float(np.abs(error).mean()), "voxels": int(error.size), "rows": rows,
+            "reference_points": _reference_points(mr.array[region].astype(np.float64), ct)}
+
+
+def _reference_points(mr: np.ndarray, ct: np.ndarray) -> list[dict]:
+    """MAE of simple predictions on the demo's voxels. The training patients' median HU is a fair
+    baseline; the other two are fitted on the held-out patient itself, so they are bounds, not methods."""
+    manifest = scan(DATA, layout="modality-folders")
+    preparation = PreparationConfig(modalities=["mr", "ct"], reference="ct", registration="rigid")
+    cases = [prepare_case(case_id, manifest.cases[case_id], preparation) for case_id in TRAINING_CASES]
+    training_median = float(np.median(np.concatenate([case.physical("ct").array[case.mask] for case in cases])))
+    edges = np.unique(np.quantile(mr, np.linspace(0.0, 1.0, INTENSITY_BINS + 1)))
+    bins = np.clip(np.searchsorted(edges, mr, side="right") - 1, 0, len(edges) - 2)
+    bin_medians = np.array([np.median(ct[bins == b]) for b in range(len(edges) - 1)])
+    return [
+        {"prediction": f"constant: the training patients' median HU ({training_median:.0f})", "fitted_on_held_out": False,
+         "mae": float(np.abs(ct - training_median).mean())},
+        {"prediction": f"constant: the held-out CT's own median HU ({np.median(ct):.0f})", "fitted_on_held_out": True,
+         "mae": float(np.abs(ct - np.median(ct)).mean())},
+        {"prediction": f"best map from MR intensity to HU (median HU of each of {INTENSITY_BINS} MR intensity bins)",
+         "fitted_on_held_out": True, "mae": float(np.abs(ct - bin_medians[bins]).mean())},
+    ]
 
 
 def _patients() -> list[dict]:
@@ -117,6 +143,10 @@ def _markdown(result: dict) -> str:
         low, high = row["hu"]
         lines.append(f"| {row['tissue']} | [{low:g}, {high:g}) | {row['share']:.3f} | {row['mae']:.1f} | {row['me']:+.1f} | "
                      f"{row['mae_contribution']:.1f} |")
+    lines += ["", "MAE of simple predictions on the same voxels (a prediction fitted on the held-out patient is a bound, "
+              "not a method):", "", "| prediction | fitted on the held-out patient | MAE (HU) |", "|---|---|---|"]
+    for point in tissues["reference_points"]:
+        lines.append(f"| {point['prediction']} | {'yes' if point['fitted_on_held_out'] else 'no'} | {point['mae']:.1f} |")
     lines += ["", "Each patient's MR (raw units) split inside the body by Otsu's threshold into a bright (fat-like) and a dark "
               f"class, and how often the real CT's fat (CT {FAT[0]:g} to {FAT[1]:g} HU) and muscle ({MUSCLE[0]:g} to "
               f"{MUSCLE[1]:g} HU) voxels fall in the MR's bright class once the MR is aligned onto the CT:", "",
