@@ -26,6 +26,7 @@ import argparse
 import json
 import tempfile
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ import SimpleITK as sitk
 from skimage.filters import threshold_otsu
 
 from crossdiff import read_volume
-from crossdiff.data.cases import PreparationConfig, prepare_case
+from crossdiff.data.cases import PreparationConfig, PreparedCase, prepare_case
 from crossdiff.data.layouts import scan
 from crossdiff.demo import run_demo, sample_entry, scoring_reference
 from crossdiff.masks import body_mask
@@ -43,7 +44,7 @@ DATA = REPO.parent / "shared" / "data" / "sarcoma-ct-mr-pet"
 CLASSES = {"air": (-np.inf, -500.0), "low density": (-500.0, -190.0), "fat": (-190.0, -30.0),
            "water and muscle": (-30.0, 150.0), "dense soft tissue": (150.0, 300.0), "bone": (300.0, np.inf)}
 FAT, MUSCLE = (-190.0, -30.0), (10.0, 100.0)
-ALIGNMENTS = ("rigid", "bspline", "rigid + N4")
+ALIGNMENTS = {"rigid": ("rigid", False), "bspline": ("bspline", False), "rigid + N4": ("rigid", True)}  # registration, N4
 TRAINING_CASES = ("STS_001", "STS_002")  # the demo model's
 INTENSITY_BINS = 64
 
@@ -81,9 +82,7 @@ def _tissues() -> dict:
 def _reference_points(mr: np.ndarray, ct: np.ndarray) -> list[dict]:
     """MAE of simple predictions on the demo's voxels. The training patients' median HU is a fair
     baseline; the other two are fitted on the held-out patient itself, so they are bounds, not methods."""
-    manifest = scan(DATA, layout="modality-folders")
-    preparation = PreparationConfig(modalities=["mr", "ct"], reference="ct", registration="rigid")
-    cases = [prepare_case(case_id, manifest.cases[case_id], preparation) for case_id in TRAINING_CASES]
+    cases = [_prepared("rigid")[case_id] for case_id in TRAINING_CASES]
     training_median = float(np.median(np.concatenate([case.physical("ct").array[case.mask] for case in cases])))
     edges = np.unique(np.quantile(mr, np.linspace(0.0, 1.0, INTENSITY_BINS + 1)))
     bins = np.clip(np.searchsorted(edges, mr, side="right") - 1, 0, len(edges) - 2)
@@ -98,16 +97,20 @@ def _reference_points(mr: np.ndarray, ct: np.ndarray) -> list[dict]:
     ]
 
 
-def _patients() -> list[dict]:
+@cache
+def _prepared(registration: str) -> dict[str, PreparedCase]:
+    """Every sarcoma patient with its MR registered onto its CT, once per registration for all analyses."""
     manifest = scan(DATA, layout="modality-folders")
+    preparation = PreparationConfig(modalities=["mr", "ct"], reference="ct", registration=registration)
+    return {case_id: prepare_case(case_id, entry, preparation) for case_id, entry in manifest.cases.items()}
+
+
+def _patients() -> list[dict]:
     rows = []
-    for alignment in ALIGNMENTS:
-        registration = "bspline" if alignment == "bspline" else "rigid"
-        preparation = PreparationConfig(modalities=["mr", "ct"], reference="ct", registration=registration)
-        for case_id, entry in manifest.cases.items():
-            case = prepare_case(case_id, entry, preparation)
+    for alignment, (registration, n4) in ALIGNMENTS.items():
+        for case_id, case in _prepared(registration).items():
             mr, ct, body = case.physical("mr").array.astype(np.float64), case.physical("ct").array, case.mask
-            if alignment == "rigid + N4":
+            if n4:
                 mr = _bias_corrected(mr, body)
             bright = body & (mr >= threshold_otsu(mr[body]))
             fat, muscle = (body & (ct >= low) & (ct < high) for low, high in (FAT, MUSCLE))
