@@ -295,10 +295,10 @@ def train(
     cls = get_method(method)
     if out is None:
         raise CrossdiffError("crossdiff train needs --out RUN_DIR, the folder for checkpoints and logs")
-    latent = cls.name == "cldm"
+    staged = bool(cls.training_stages)  # cldm: an autoencoder, then diffusion in its latent space
     targets = _targets(cls, target, stage, autoencoder, resume)
     settings = _run_settings(out, config, resume, source, targets)
-    if latent:
+    if staged:
         settings["method"] |= {"targets": targets, **({"stage": stage} if stage else {})}
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "device": device}.items() if v is not None}
     training = TrainConfig.from_dict({**settings["training"], **overrides})
@@ -318,7 +318,7 @@ def train(
             on_case=lambda _: bar.advance(task),
         )
     train_cases, val_cases = cases[: len(train_ids)], cases[len(train_ids) :]
-    if latent:
+    if staged:
         train_set, val_set = stage_datasets(settings["method"], train_cases, val_cases, source, slices)
         spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)
     else:
