@@ -4,6 +4,8 @@ save/load/translate and exact resume (paired and unpaired)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from heldout import BRAIN_SLICES, brain_unpaired, sarcoma_split
@@ -18,7 +20,7 @@ from crossdiff.errors import CrossdiffError
 from crossdiff.inference import ModelSpec, load_model, translate_volume
 from crossdiff.methods import available_methods, get_method
 from crossdiff.methods.base import DataSpec
-from crossdiff.methods.syndiff import LargeSteps
+from crossdiff.methods.syndiff import LargeSteps, ReverseStep
 from crossdiff.training import TrainConfig, seed_everything, train
 
 SLICES = SliceConfig(size=(32, 32), fit="resize", context=1, seed=0)
@@ -104,6 +106,39 @@ def test_four_step_sampler_is_stochastic_repeatable_and_counts_generator_calls()
     assert method.translate(source, torch.Generator().manual_seed(1), steps=2).nfe == 2
     with pytest.raises(CrossdiffError, match="only the translation option steps"):
         method.translate(source, torch.Generator(), sampler="ddim")
+
+
+def test_time_conditioned_critic_learns_to_tell_true_posterior_samples_from_a_poor_generators(case):
+    """The critic, its loss and its own optimizer on real CT slices of the bundled patient: against a
+    generator that always estimates x0 = 0, true posterior samples x_{t-k} must become separable from
+    generated ones at every step t. Measured when written: loss 1.390 -> 0.719 in 150 steps; at SynDiff's
+    discriminator_lr of 1e-4 this shallow critic gets only to 1.367, and this test fails."""
+    slices = PairedSliceDataset([case], "mr", "ct", SLICES)
+    x0 = torch.stack([slices[i]["target"] for i in range(0, len(slices), 3)])
+    method = tiny(discriminator_lr=1e-3)
+    optimizer = method.optimizers()["discriminator"][0]
+    generator = torch.Generator().manual_seed(0)
+
+    def poor_step() -> ReverseStep:
+        j = torch.randint(1, method.schedule.steps + 1, (x0.shape[0],), generator=generator)
+        real, x_t = method.schedule.noisy_pair(x0, j, generator)
+        estimate = torch.zeros_like(x0)
+        return ReverseStep(estimate, real, method.schedule.posterior(estimate, x_t, j, generator), x_t, method.schedule.times[j])
+
+    with torch.no_grad():
+        first, _ = method._critic_loss(method.discriminator, poor_step(), penalise=False)
+    for _ in range(150):
+        loss, _ = method._critic_loss(method.discriminator, poor_step(), penalise=True)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        step = poor_step()
+        on_real = method.discriminator(step.real, step.x_t, step.t)
+        on_fake = method.discriminator(step.fake, step.x_t, step.t)
+    print(f"critic loss: {float(first):.3f} at the start, {float(loss.detach()):.3f} after 150 steps")
+    assert abs(float(first) - 2 * math.log(2)) < 0.05  # chance at the start
+    assert float((on_real > 0).float().mean()) > 0.9 and float((on_fake < 0).float().mean()) > 0.9
 
 
 def test_paired_syndiff_beats_the_median_hu_on_a_held_out_patient(tmp_path):
