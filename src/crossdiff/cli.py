@@ -72,11 +72,15 @@ def progress(description: str, total: float | None = None) -> Iterator[tuple[Pro
 def info(
     path: InputPath,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a DICOM folder holds several series.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="CT, MR or PET, when the guess is wrong.")] = None,
+    units: Annotated[Optional[str], typer.Option(help="The image's units when crossdiff's decision is wrong (HU, display, a.u., SUVbw).")] = None,
+    colour: Annotated[str, typer.Option(help="Colour images: refuse, or luminance.")] = "refuse",
+    key: Annotated[Optional[str], typer.Option(help="Variable of a .npz/.mat file holding several arrays.")] = None,
 ) -> None:
-    """Show shape, spacing, orientation, intensity range and a modality guess."""
+    """Show size, spacing, orientation, intensities, and the modality and units crossdiff decided (with why)."""
     from crossdiff.readers import read_volume
 
-    volume = read_volume(path, series_uid=series)
+    volume = read_volume(path, modality=modality, series_uid=series, units=units, colour=colour, key=key)
     geometry = volume.geometry
     array = volume.array
     table = Table(title=str(path), show_header=False)
@@ -84,42 +88,62 @@ def info(
         "size (x, y, z)": " x ".join(map(str, geometry.size)),
         "spacing (mm)": ", ".join(f"{s:.4g}" for s in geometry.spacing),
         "origin (mm, LPS)": ", ".join(f"{o:.4g}" for o in geometry.origin),
-        "orientation": geometry.orientation,
+        "orientation": geometry.describe_orientation(),
         "data type": str(array.dtype),
         "intensity min / max": f"{array.min():.6g} / {array.max():.6g}",
         "percentiles 1 / 50 / 99": " / ".join(f"{v:.6g}" for v in np.percentile(array, [1, 50, 99])),
-        "modality (guess)": f"{volume.modality or 'unknown'} ({volume.units or 'units unknown'})",
+        "modality": f"{volume.modality or 'unknown'}: {volume.evidence.get('modality', '')}",
+        "units": f"{volume.units or 'unknown'}: {volume.evidence.get('units', '')}",
+        **{name: text for name, text in volume.evidence.items() if name not in ("modality", "units", "first file")},
     }
-    for key, value in rows.items():
-        table.add_row(key, value)
+    for name, value in rows.items():
+        table.add_row(name, value)
     out_console.print(table)
+    for warning in volume.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def prepare(
     root: Annotated[
-        Path, typer.Argument(help="Dataset folder (SynthRAD, pix2pix A/B, BraTS, or <case>/<MODALITY>/nifti|dicom).")
+        Path, typer.Argument(help="Dataset folder (see the README's Datasets table for the layouts recognised).")
     ],
     out: Annotated[Path, typer.Option(help="Manifest to write (.json or .csv).")] = Path("manifest.json"),
     layout: Annotated[Optional[str], typer.Option(help="Force a layout instead of detecting it.")] = None,
     prefer: Annotated[str, typer.Option(help="nifti or dicom, where a case has both.")] = "nifti",
-    val: Annotated[float, typer.Option(help="Fraction of cases for validation.")] = 0.0,
+    val: Annotated[float, typer.Option(help="Fraction of cases for validation (carved from training cases where folders fix the splits).")] = 0.0,
     test: Annotated[float, typer.Option(help="Fraction of cases held out for testing.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the case split.")] = 0,
     name: Annotated[Optional[list[str]], typer.Option(help="Rename a modality key, e.g. --name a=mr --name b=ct.")] = None,
+    case_pattern: Annotated[Optional[str], typer.Option(help="Regex finding the case (patient) in a slice file name: group 'case', else group 1.")] = None,
+    units: Annotated[Optional[list[str]], typer.Option(help="Set a modality's units instead of crossdiff's decision, e.g. --units ct=display.")] = None,
 ) -> None:
-    """Recognise a dataset's layout and write its manifest (cases, modalities, masks, split by case)."""
-    from crossdiff.data.layouts import prepare_manifest
+    """Recognise a dataset's layout and write its manifest (cases, modalities, units, split by case)."""
+    from crossdiff.data.layouts import prepare_dataset
 
-    names = dict(_key_value(item) for item in name or [])
-    manifest = prepare_manifest(root, out, layout=layout, prefer=prefer, val=val, test=test, seed=seed, names=names)
+    names = {old: new.lower() for old, new in (_key_value(item, "--name") for item in name or [])}
+    given_units = dict(_key_value(item, "--units") for item in units or [])
+    prepared = prepare_dataset(root, out, layout=layout, prefer=prefer, val=val, test=test, seed=seed, names=names,
+                                case_pattern=case_pattern, units=given_units)
+    manifest = prepared.manifest
+    out_console.print(f"layout: {prepared.layout}", highlight=False)
     table = Table(title=f"{out}: {len(manifest.cases)} cases")
     table.add_column("split")
     table.add_column("cases", justify="right")
     for split in ("train", "val", "test"):
         table.add_row(split, str(len(manifest.split_cases(split))))
     out_console.print(table)
-    out_console.print(f"modalities: {', '.join(manifest.modalities())}")
+    units_table = Table(title="how each modality is read (change it in the manifest's \"modalities\" or with --units)")
+    for column in ("key", "family", "units", "why"):
+        units_table.add_column(column)
+    for key, decision in prepared.decisions.items():
+        units_table.add_row(key, decision.family or "?", decision.reading.units or "?", decision.reading.why or "")
+    out_console.print(units_table)
+    for note in prepared.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for key, decision in prepared.decisions.items():
+        if decision.warning:
+            err_console.print(f"[yellow]warning:[/] {key}: {decision.reading.why}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -143,11 +167,11 @@ def check(
     out_console.print(f"{manifest}: {len(loaded.cases)} cases, modalities {modalities}: all files read, masks match")
 
 
-def _key_value(text: str) -> tuple[str, str]:
+def _key_value(text: str, option: str) -> tuple[str, str]:
     if "=" not in text:
-        raise CrossdiffError(f"--name expects OLD=NEW, got {text!r}")
+        raise CrossdiffError(f"{option} expects KEY=VALUE, got {text!r}")
     old, new = text.split("=", 1)
-    return old.strip().lower(), new.strip().lower()
+    return old.strip().lower(), new.strip()
 
 
 @app.command(name="register")
@@ -210,10 +234,10 @@ def resample(
     interpolation: Annotated[str, typer.Option(help="linear, bspline, or nearest (for masks and labels).")] = "linear",
 ) -> None:
     """Resample an image onto another image's grid through physical space (no registration)."""
-    from crossdiff.readers import read_mask, read_volume
+    from crossdiff.readers import read_labels, read_volume
     from crossdiff.volumes import resample_to, write_volume
 
-    moving = read_mask(path) if interpolation == "nearest" else read_volume(path)
+    moving = read_labels(path) if interpolation == "nearest" else read_volume(path)  # labels keep their values
     write_volume(resample_to(moving, read_volume(reference), interpolation), out)
     out_console.print(f"wrote {out}")
 

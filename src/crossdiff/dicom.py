@@ -285,3 +285,14 @@ def _check_even_spacing(folder: Path, headers: list[pydicom.Dataset]) -> None:
             f"typical {step:.3g} mm): a slice is missing or duplicated",
         )
 
+
+
+def series_description(folder: Path) -> tuple[str, str] | None:
+    """(Modality, SeriesDescription) of the first DICOM image directly in `folder`, or None if it has none:
+    what names a series folder in a study whose folder names do not (layout 'series-folders')."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (has_dicom_marker(path) or path.name.lower().endswith(DICOM_SUFFIXES)):
+            header = _read_header(path)
+            if header is not None and _is_image(header):
+                return str(header.get("Modality", "")), str(header.get("SeriesDescription", ""))
+    return None

@@ -27,7 +27,7 @@ from crossdiff.masks import body_mask
 from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec, Method
 from crossdiff.training import MODEL_FORMAT, resolve_device
-from crossdiff.volumes import BACKGROUND, Geometry, Volume, resample_to
+from crossdiff.volumes import Geometry, Volume, background_value, resample_to
 
 FITTED_SCALINGS = ("percentile", "mean")  # refitted on every input; the others are fixed windows
 SPACING_TOLERANCE = 0.01  # relative in-plane spacing difference that --match-spacing resamples for
@@ -409,7 +409,7 @@ def _assemble(
     """Draws in [-1, 1] -> mean, spread and samples in physical units, background outside the mask."""
     target = spec.target_scaling
     modality = spec.target_modality
-    background = BACKGROUND.get(modality or "", 0.0)
+    background = background_value(modality, target.units)
 
     def physical(unit: np.ndarray) -> Volume:
         values = target.invert(unit)

@@ -13,6 +13,7 @@ from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from crossdiff.errors import InputError
+from crossdiff.units import DISPLAY, HU, SUV
 from crossdiff.volumes import Volume
 
 # Air is about -1000 HU and fat about -100 HU: -500 separates them with a wide margin either side.
@@ -21,6 +22,10 @@ CT_THRESHOLD_HU = -500.0
 # millimetres. Against the CT body mask of the three sarcoma patients, Dice peaks at 0.15-0.25 SUV
 # (0.95-0.975 at 0.2; 0.94-0.96 at 0.1, where the blur halo is counted as body).
 PET_THRESHOLD_SUV = 0.2
+# A display-windowed CT (8-bit export) shows air as 0 (below every window in use) with noise of a few
+# grey levels (up to ~3 on the paired PNG set), fat at 15-60 in a soft-tissue window: 8 separates them.
+# Otsu would cut the dark fat out of the body (paired PNG Patient_12: Dice 0.82 against the MR's mask).
+CT_DISPLAY_AIR_ABOVE = 8.0
 # MR threshold floor as a fraction of the plain Otsu level; see `mr_foreground`.
 MR_OTSU_FRACTION = 0.25
 # Closing radius in millimetres: bridges the thin skin line gaps thresholding leaves.
@@ -40,18 +45,25 @@ def body_mask(
 ) -> Volume:
     """The patient's body as a uint8 0/1 volume (modality 'mask') on the same grid as `volume`.
 
-    The threshold depends on the modality (CT: HU, PET: SUV, MR or unknown: Otsu-based);
-    then only the largest connected part is kept and its holes are filled. Raises InputError if
+    The threshold depends on the modality and its units (CT in HU, PET in SUV; MR, unknown, and any image
+    without physical units such as a display-windowed CT: Otsu-based); then only the largest connected
+    part is kept and its holes are filled. Raises InputError if
     nothing is left, since an empty body mask would silently turn every later statistic into NaN.
     """
     array = np.asarray(volume.array, dtype=np.float32)
-    if volume.modality == "CT":
+    if volume.modality == "CT" and volume.units in (None, HU):
         foreground = array > ct_threshold
-    elif volume.modality == "PET":
+    elif volume.modality == "CT" and volume.units == DISPLAY:
+        foreground = array > CT_DISPLAY_AIR_ABOVE
+    elif volume.modality == "PET" and volume.units in (None, SUV):
         foreground = array > pet_threshold
     else:
         foreground = mr_foreground(array, mr_otsu_fraction)
-    mask = clean_mask(foreground, volume.geometry.spacing, closing_mm, opening_mm)
+    spacing = volume.geometry.spacing
+    if volume.planar:  # stacked 2-D images: each slice is its own picture, a body in each
+        mask = np.stack([clean_mask(plane[None], spacing, closing_mm, opening_mm)[0] for plane in foreground])
+    else:
+        mask = clean_mask(foreground, spacing, closing_mm, opening_mm)
     if not mask.any():
         raise InputError(volume.path, f"no body found: the automatic {volume.modality or 'MR'} body mask is empty")
     return volume.with_array(mask.astype(np.uint8), modality="mask", units=None)

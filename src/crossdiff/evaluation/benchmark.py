@@ -40,7 +40,7 @@ from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.benchmark_config import LEAVE_ONE_OUT, BenchmarkConfig, MethodEntry
 from crossdiff.evaluation.cost import measure, parameter_count, training_seconds_per_step
 from crossdiff.evaluation.evaluate import plain_json
-from crossdiff.evaluation.metrics import case_metrics
+from crossdiff.evaluation.metrics import HU_SCALE, CaseMetrics, Scale, case_metrics, scale_for
 from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
 from crossdiff.evaluation.robustness import noise_robustness
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
@@ -83,12 +83,20 @@ class MethodInfo:
 
 @dataclass(frozen=True)
 class BenchmarkResult:
+    """Everything a report needs; `scale` is how the target was scored (HU, or [0, 1] by a display range or
+    the reference percentiles), `planar` whether cases are 2-D slice stacks (SSIM per slice)."""
+
     config: BenchmarkConfig
     out: Path
     folds: dict[str, list[str]]
     runs: list[CaseRun]
     methods: dict[str, MethodInfo]
-    hounsfield: bool
+    scale: Scale = HU_SCALE
+    planar: bool = False
+
+    @property
+    def hounsfield(self) -> bool:
+        return self.scale.hounsfield
 
 
 def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> list[BenchmarkResult]:
@@ -105,8 +113,8 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
     manifest = _dataset(config)
     folds = _folds(config, manifest)
     device = resolve_device(config.train["training"].get("device"))
-    hounsfield = family_of(config.target) == "CT"
     runs, methods = [], {}
+    scale, planar = HU_SCALE, False
     for fold, held_out in folds.items():
         fold_manifest = _fold_manifest(manifest, held_out, out / "folds" / fold / "manifest.json")
         for entry in config.methods:
@@ -121,14 +129,17 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             per_step = training_seconds_per_step(run_dir)
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
+            scale = scale_for(family_of(config.target), model.spec.for_target(config.target).target_scaling.units)
             for index, case_id in enumerate(held_out):
                 case = _held_out_case(config, manifest, case_id, model, out)
+                planar = case.reference.planar
+                scoring = Scoring(config.evaluation["metrics"], scale, planar)
                 with_noise = index == 0 and bool(config.evaluation["noise_levels"])
-                run = _case_run(config, entry.name, fold, case, model, out, with_noise, hounsfield, log)
+                run = _case_run(config, entry.name, fold, case, model, out, with_noise, scoring, log)
                 if index == 0 and entry.timing:
                     run = replace(run, timing=_timing(config, entry, case, model, out, log))
                 runs.append(run)
-    return BenchmarkResult(config, out, folds, runs, methods, hounsfield)
+    return BenchmarkResult(config, out, folds, runs, methods, scale, planar)
 
 
 # --------------------------------------------------------------------------------------- data, folds
@@ -261,15 +272,31 @@ def _slab(volume: Volume, start: int, stop: int) -> Volume:
     direction = np.array(g.direction).reshape(3, 3)
     origin = tuple(float(v) for v in np.array(g.origin) + direction[:, 2] * g.spacing[2] * start)
     geometry = Geometry((g.size[0], g.size[1], stop - start), g.spacing, origin, g.direction)  # type: ignore[arg-type]
-    return Volume(np.ascontiguousarray(volume.array[start:stop]), geometry, volume.modality, volume.units)
+    return Volume(np.ascontiguousarray(volume.array[start:stop]), geometry, volume.modality, volume.units,
+                  planar=volume.planar)
 
 
 # ------------------------------------------------------------------------------- translation, scoring
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """One scoring rule for every prediction of a benchmark: standard, scale, and 2-D or 3-D SSIM."""
+
+    standard: str
+    scale: Scale
+    planar: bool
+
+    def __call__(self, reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> CaseMetrics:
+        return case_metrics(reference, prediction, mask, self.standard, scale=self.scale, planar=self.planar)
+
+    def values(self, reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+        return self(reference, prediction, mask).values
+
+
 def _case_run(
     config: BenchmarkConfig, name: str, fold: str, case: HeldOutCase, model: LoadedModel, out: Path,
-    with_noise: bool, hounsfield: bool, log: Callable[[str], None],
+    with_noise: bool, scoring: Scoring, log: Callable[[str], None],
 ) -> CaseRun:
     record = out / "records" / name / f"{case.case_id}.json"
     if record.is_file():
@@ -277,14 +304,14 @@ def _case_run(
         saved = json.loads(record.read_text(encoding="utf-8"))
     else:
         log(f"translating {case.case_id} with {name}")
-        saved = _translate_and_score(config, name, case, model, out, hounsfield)
+        saved = _translate_and_score(config, name, case, model, out, scoring)
         write_json(record, plain_json(saved))
-    noise = _noise(config, name, case, model, out, hounsfield, log) if with_noise else None
+    noise = _noise(config, name, case, model, out, scoring, log) if with_noise else None
     return CaseRun(name, fold, case.case_id, saved["metrics"], saved["slices"], saved["cost"], saved["variability"], noise)
 
 
 def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path,
-                         hounsfield: bool) -> dict[str, Any]:
+                         scoring: Scoring) -> dict[str, Any]:
     settings = config.evaluation
     samples = settings["samples"] if model.method.stochastic else 1
     result, measured = measure(
@@ -293,12 +320,12 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
         model.device,
     )
     reference = case.reference.array
-    metrics = case_metrics(reference, result.mean.array, case.mask, settings["metrics"], hounsfield=hounsfield)
+    metrics = scoring(reference, result.mean.array, case.mask)
     write_volume(result.mean, out / "translations" / name / f"{case.case_id}.nii.gz")
     variability = None
     if result.std is not None and result.samples is not None:
         write_volume(result.std, out / "uncertainty" / name / f"{case.case_id}.nii.gz")
-        variability = _variability(result.samples, result.std.array, result.mean.array, case, settings["metrics"], hounsfield)
+        variability = _variability(result.samples, result.std.array, result.mean.array, case, scoring)
     translated_slices = int(case.mask.any(axis=(1, 2)).sum())
     cost = {"seconds": measured.seconds, "slices": translated_slices, "s_per_slice": measured.seconds / translated_slices,
             "nfe": result.nfe, "samples": samples, "peak_memory_bytes": measured.peak_memory_bytes,
@@ -306,14 +333,11 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
     return {"metrics": metrics.values, "slices": metrics.slices, "scale": metrics.scale, "cost": cost, "variability": variability}
 
 
-def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: HeldOutCase, standard: str,
-                 hounsfield: bool) -> dict[str, Any]:
+def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: HeldOutCase,
+                 scoring: Scoring) -> dict[str, Any]:
     """Metric spread over the single draws, and how the std map relates to the error of the mean."""
-    def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-        return case_metrics(reference, prediction, mask, standard, hounsfield=hounsfield).values
-
     reference = case.reference.array
-    spread = sample_spread([draw.array for draw in draws], reference, case.mask, score)
+    spread = sample_spread([draw.array for draw in draws], reference, case.mask, scoring.values)
     error = mean.astype(np.float64) - reference
     correlation = uncertainty_error_correlation(std, error, case.mask)
     bins = calibration_table(std, error, case.mask)
@@ -325,7 +349,7 @@ def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: H
     }
 
 
-def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path, hounsfield: bool,
+def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path, scoring: Scoring,
            log: Callable[[str], None]) -> list[dict[str, Any]]:
     record = out / "records" / name / f"{case.case_id}.noise.json"
     if record.is_file():
@@ -337,10 +361,7 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
     def translate(source: Volume) -> Volume:
         return translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean
 
-    def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-        return case_metrics(reference, prediction, mask, settings["metrics"], hounsfield=hounsfield).values
-
-    rows = noise_robustness(translate, case.source, case.reference.array, case.mask, score,
+    rows = noise_robustness(translate, case.source, case.reference.array, case.mask, scoring.values,
                             settings["noise_levels"], seed=settings["seed"])
     payload = [{"level": r.level, "sigma": r.sigma, "scores": r.scores, "drop": r.drop} for r in rows]
     write_json(record, plain_json(payload))

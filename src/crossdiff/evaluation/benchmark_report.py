@@ -18,7 +18,7 @@ from crossdiff.evaluation import figures
 from crossdiff.evaluation.benchmark import BenchmarkResult, CaseRun
 from crossdiff.evaluation.evaluate import csv_text
 from crossdiff.evaluation.fid import FidResult, fid
-from crossdiff.evaluation.metrics import HU_RANGE, normalise_pair
+from crossdiff.evaluation.metrics import HU_RANGE, Scale, normalise_pair
 from crossdiff.evaluation.report import Section, Table, write_report
 from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
 from crossdiff.evaluation.variability import CalibrationBin
@@ -152,7 +152,7 @@ def _fid(result: BenchmarkResult, names: list[str]) -> dict[str, FidResult]:
         real, synthetic = [], []
         for run in (r for r in result.runs if r.method == name):
             reference, prediction, mask = _case_arrays(result, name, run.case)
-            a, b = _unit_scale(reference, prediction, mask, result.hounsfield)
+            a, b = _unit_scale(reference, prediction, mask, result.scale)
             filled = mask.any(axis=(1, 2))
             real.append(a[filled])
             synthetic.append(b[filled])
@@ -161,10 +161,10 @@ def _fid(result: BenchmarkResult, names: list[str]) -> dict[str, FidResult]:
 
 
 def _unit_scale(
-    reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, hounsfield: bool
+    reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, scale: Scale
 ) -> tuple[np.ndarray, np.ndarray]:
-    if not hounsfield:
-        return normalise_pair(reference, prediction, mask)
+    if not scale.hounsfield:
+        return normalise_pair(reference, prediction, mask, scale.window)
     low, high = HU_RANGE
     return tuple(np.clip((image - low) / (high - low), 0.0, 1.0) for image in (reference, prediction))  # type: ignore[return-value]
 
@@ -182,7 +182,7 @@ def _case_arrays(result: BenchmarkResult, name: str, case: str) -> tuple[np.ndar
 
 def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
     runs = result.runs
-    structural = "ssim" if "ssim" in runs[0].metrics else "ms_ssim"
+    structural = next(m for m in ("ssim", "ssim_2d", "ms_ssim") if m in runs[0].metrics)
     units = "HU" if result.hounsfield else "normalised"
     drawn = {"panels": (_panels(result, names, folder / "panels.png"), _panel_caption(result, runs[0].case))}
     box = {m: {n: [r.metrics[m] for r in runs if r.method == n] for n in names} for m in ("mae", "psnr", structural)}
@@ -224,7 +224,7 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
             break
     mask = read_volume(cases / "mask" / f"{case}.nii.gz").array[middle]
     spacing = reference.geometry.spacing
-    window = figures.CT_WINDOW if result.hounsfield else tuple(np.percentile(reference.array, [1, 99]))
+    window = figures.CT_WINDOW if result.hounsfield else result.scale.window or tuple(np.percentile(reference.array, [1, 99]))
     error_max = 300.0 if result.hounsfield else float(window[1] - window[0]) / 2
     return figures.comparison_panels(path, source[middle], reference.array[middle], predictions, uncertainty, mask,
                                      window=window, error_max=error_max, aspect=spacing[1] / spacing[0])
@@ -250,7 +250,8 @@ def _intro(result: BenchmarkResult) -> str:
         f"(slices {config.train['slices'] or 'default'}, preparation {config.train['preparation'] or 'default'}, "
         f"training {training or 'default'}).\n\n"
         f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
-        f"{'' if result.hounsfield else ', on the normalised [0, 1] scale (reference percentile window)'}; "
+        f"{'' if result.hounsfield else f', on the {result.scale.label} scale'}"
+        f"{'; SSIM per 2-D slice (the cases are stacks of 2-D images)' if result.planar else ''}; "
         f"ME is prediction minus reference. Machine: {machine}. Code: {describe_code_version()}."
     )
 
