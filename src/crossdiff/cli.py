@@ -29,6 +29,7 @@ from crossdiff import __version__
 from crossdiff.atomic import atomic_path
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import available_methods
+from crossdiff.study.cli import study_app
 
 if TYPE_CHECKING:
     from crossdiff.data.cases import PreparedCase
@@ -42,6 +43,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(study_app, name="study")
 out_console = Console()
 err_console = Console(stderr=True)
 

@@ -105,10 +105,12 @@ class PairedTest:
 
 
 def paired_wilcoxon(
-    metric: str, a: tuple[str, Mapping[str, float]], b: tuple[str, Mapping[str, float]], unit: str = "cases"
+    metric: str, a: tuple[str, Mapping[str, float]], b: tuple[str, Mapping[str, float]], unit: str = "cases",
+    higher_better: bool | None = None,
 ) -> PairedTest:
     """Two-sided Wilcoxon signed-rank test of (name, {key: value}) pairs; keys (case ids, or case:slice)
-    must be the same on both sides, and at least one pair must differ."""
+    must be the same on both sides, and at least one pair must differ. `higher_better` gives the better
+    side of values that are not a known metric (e.g. readers' scores); by default the metric's own."""
     (name_a, values_a), (name_b, values_b) = a, b
     if set(values_a) != set(values_b):
         only = sorted(set(values_a) ^ set(values_b))
@@ -122,17 +124,19 @@ def paired_wilcoxon(
     result = stats.wilcoxon(diff, alternative="two-sided")
     median = float(np.median(diff))
     better = "neither"
-    direction = higher_is_better(metric)
+    direction = higher_is_better(metric) if higher_better is None else higher_better
     if direction is not None and median != 0:
         better = name_a if (median > 0) == direction else name_b
     return PairedTest(metric, name_a, name_b, unit, len(keys), float(result.statistic), float(result.pvalue), median, better)
 
 
-def pairwise_tests(metric: str, by_method: Mapping[str, Mapping[str, float]], unit: str = "cases") -> list[PairedTest]:
+def pairwise_tests(
+    metric: str, by_method: Mapping[str, Mapping[str, float]], unit: str = "cases", higher_better: bool | None = None
+) -> list[PairedTest]:
     """Every pair of methods (in the given order) on one metric."""
     names = list(by_method)
     return [
-        paired_wilcoxon(metric, (first, by_method[first]), (second, by_method[second]), unit)
+        paired_wilcoxon(metric, (first, by_method[first]), (second, by_method[second]), unit, higher_better)
         for i, first in enumerate(names)
         for second in names[i + 1 :]
     ]
