@@ -203,7 +203,7 @@ def test_train_resume_and_translate_from_the_command_line(tmp_path):
               "--out", str(run), "--device", "cpu"]
     first = CliRunner().invoke(app, [*common, "--config", str(config), "--steps", "2"])
     assert first.exit_code == 0, first.output
-    assert "no validation cases" in first.output and "step-0000002" in first.output
+    assert "validation runs on the training cases" in first.output and "step-0000002" in first.output
     resumed = CliRunner().invoke(app, [*common, "--steps", "3", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     saved = yaml.safe_load((run / "config.yaml").read_text())

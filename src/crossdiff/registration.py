@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -484,13 +485,16 @@ class CheckedRegistration:
         return f"{name}: NMI {self.nmi_before:.4f} before, {self.nmi_after:.4f} after; registration {verdict}"
 
 
-def register_checked(fixed: Volume, moving: Volume, transform: str = "rigid", seed: int = 0, **options) -> CheckedRegistration:
+def register_checked(
+    fixed: Volume, moving: Volume, transform: str = "rigid", seed: int = 0, keep_worse: bool = False, **options: Any
+) -> CheckedRegistration:
     """`register`, then keep the result only if it raises normalised mutual information over the voxels
     both the registered and the unregistered image cover.
 
     Mattes MI (what the optimiser climbs) can rise as images slide apart, so a registration may move a
     kidney 39 mm and still 'converge'; NMI over a fixed overlap does not reward that. When it falls, the
-    scanner geometry's own resampling is returned, and callers say so (CLI warning, preparation notes).
+    scanner geometry's own resampling is returned, and callers say so (CLI warning, preparation notes);
+    `keep_worse` keeps the registration anyway.
     """
     from crossdiff.volumes import coverage
 
@@ -503,6 +507,6 @@ def register_checked(fixed: Volume, moving: Volume, transform: str = "rigid", se
         overlap = plain_cover
     before = normalized_mutual_information(fixed.array, plain.array, overlap)
     after = normalized_mutual_information(fixed.array, result.volume.array, overlap)
-    if after < before:
+    if after < before and not keep_worse:
         return CheckedRegistration(plain, plain_cover, None, before, after)
     return CheckedRegistration(result.volume, moved_cover, result.transform, before, after)

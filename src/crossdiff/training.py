@@ -43,6 +43,8 @@ MODEL_FORMAT = "crossdiff-model"
 MODEL_VERSION = 1
 RUN_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
+# A validation prediction whose spread inside the mask is below this fraction of the target's is a collapse.
+COLLAPSE_FRACTION = 0.05
 VALIDATION_STREAM = 2**32 - 1  # the "rank" slot of the validation generator's seed: no real rank has it
 
 
@@ -369,10 +371,12 @@ def inference_modules(method: Method, modules: dict[str, nn.Module]) -> Iterator
 
 @torch.no_grad()
 def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean validation loss, and MAE and PSNR on the [-1, 1] scale inside the mask (peak-to-peak 2).
+    """Mean validation loss, and MAE and PSNR on the [-1, 1] scale inside the mask (peak-to-peak 2); the
+    spread (std) of the prediction and of the target inside the mask, which tells a collapsed model.
     Items with a target 'code' (multi-target datasets) are translated into their own target."""
     generator = torch.Generator(device).manual_seed(stream_seed(config.seed, VALIDATION_STREAM))
     loss = error = squared = pixels = 0.0
+    moments = torch.zeros(4, dtype=torch.float64)  # sums of prediction, prediction^2, target, target^2 in the mask
     count = 0
     for batch in DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers):
         batch = _to_device(batch, device)
@@ -380,17 +384,35 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
         with _autocast(device, config.precision):
             loss += method.validation_loss(batch, generator) * size
             prediction = _validation_translation(method, batch, generator, config.val_options)
+        inside = batch["mask"] > 0.5
         difference = (prediction.float() - batch["target"].float()) * batch["mask"]
         error += float(difference.abs().sum())
         squared += float(difference.square().sum())
         pixels += float(batch["mask"].sum())
+        predicted, target = prediction.float()[inside].double().cpu(), batch["target"].float()[inside].double().cpu()
+        moments += torch.stack([predicted.sum(), predicted.square().sum(), target.sum(), target.square().sum()])
         count += size
     mse = squared / max(pixels, 1.0)
+    n = max(pixels, 1.0)
+    spread = [math.sqrt(max(float(moments[i + 1]) / n - (float(moments[i]) / n) ** 2, 0.0)) for i in (0, 2)]
     return {
         "val_loss": loss / max(count, 1),
         "val_mae": error / max(pixels, 1.0),
         "val_psnr": 10.0 * math.log10(4.0 / mse) if mse > 0 else math.inf,
+        "val_pred_std": spread[0],
+        "val_target_std": spread[1],
     }
+
+
+def collapse_warning(record: dict[str, float]) -> str | None:
+    """A warning when validation shows a near-constant output: a model that has collapsed onto one value
+    (e.g. a tanh output stuck at the floor of a zero-background brain) still reports a plausible loss."""
+    predicted, target = record.get("val_pred_std"), record.get("val_target_std")
+    if predicted is None or not target or predicted >= COLLAPSE_FRACTION * target:
+        return None
+    return (f"validation output is near-constant at step {int(record['step'])} (std {predicted:.4f} inside the mask "
+            f"against {target:.4f} in the target): the model has collapsed onto one value; more steps rarely help. "
+            "For regression methods try method: {output: clamp, masked_loss: true} or a higher lr")
 
 
 def _validation_translation(method: Method, batch: dict[str, Any], generator: torch.Generator,
@@ -549,6 +571,10 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
                 with inference_modules(method, state.ema.modules):
                     history.append({"step": step, **validate(method, val_set, config, device)})
                 log.write(history[-1])
+                warning = collapse_warning(history[-1])
+                if warning is not None:
+                    log.write({"step": step, "warning": warning})
+                    console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             if world.main and (step % config.checkpoint_every == 0 or last):
                 saved = state.save(run_dir, step, history, described, config.keep_checkpoints)
             bar.update(task, completed=step)

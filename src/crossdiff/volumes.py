@@ -179,6 +179,36 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     return path
 
 
+PNG_SUFFIX = ".png"
+
+
+def write_png(volume: Volume, path: str | Path, window: tuple[float, float]) -> list[Path]:
+    """Write 8-bit grey PNG: `path` itself for a one-slice volume, else `<stem>-000.png`, ... beside it.
+
+    Grey level = round(255 * clip((value - low) / (high - low), 0, 1)) with `window` = (low, high): PNG
+    holds no physical units and no geometry, so callers must say which window they used. Every file is
+    written atomically; nothing is written unless the window is valid.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    low, high = window
+    if not high > low:
+        raise InputError(path, f"the PNG window must have low < high, not {low:g}, {high:g}")
+    levels = np.round(255.0 * np.clip((volume.array.astype(np.float64) - low) / (high - low), 0.0, 1.0)).astype(np.uint8)
+    if len(levels) == 1:
+        targets = [path]
+    else:
+        targets = [path.with_name(f"{path.name[: -len(PNG_SUFFIX)]}-{i:03d}{PNG_SUFFIX}") for i in range(len(levels))]
+    try:
+        for plane, target in zip(levels, targets):
+            with atomic_path(target) as tmp:
+                Image.fromarray(plane).save(tmp, format="PNG")
+    except OSError as error:
+        raise InputError(path, f"could not be written ({error})") from None
+    return targets
+
+
 def _writable_suffix(path: Path) -> str:
     """The format's canonical lower-case suffix: ITK picks its writer by suffix and knows no '.NII.GZ'."""
     for suffix in WRITABLE_SUFFIXES:

@@ -107,6 +107,8 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
     if unknown:
         raise InputError(path, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL)}")
     overrides = raw.pop("quick", None) or {}
+    if quick and not overrides:
+        raise InputError(path, "--quick asks for the config's 'quick:' overrides, and it has none")
     if quick:
         raw = _merged(raw, overrides)
     for key in ("data", "source", "target", "test", "methods"):
