@@ -35,11 +35,11 @@ from crossdiff.study.cli import study_app
 
 if TYPE_CHECKING:
     from crossdiff.data.cases import PreparedCase
+    from crossdiff.data.manifest import Manifest
+    from crossdiff.data.slices import SliceConfig
     from crossdiff.inference import ModelSpec
     from crossdiff.intensity import IntensityScaling
     from crossdiff.volumes import Volume
-    from crossdiff.data.manifest import Manifest
-    from crossdiff.data.slices import SliceConfig
 
 app = typer.Typer(
     name="crossdiff",
@@ -362,7 +362,7 @@ def train(
         spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)
     else:
         if cls.paired:
-            train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True)
+            train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True, crop=cls.patch_training)
             spec = ModelSpec.from_cases(train_cases, source, target, slices, preparation)
         else:  # each side's scaling from its own cases; the source cases describe the grid inference works on
             source_cases, target_cases = train_cases[: len(source_ids)], train_cases[len(source_ids) :]

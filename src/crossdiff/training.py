@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "fp32"
     val_every: int = 500
     val_options: dict[str, Any] = field(default_factory=dict)
+    validate: bool = True  # False skips validation altogether (timing runs)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -377,6 +378,7 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
     generator = torch.Generator(device).manual_seed(stream_seed(config.seed, VALIDATION_STREAM))
     loss = error = squared = pixels = 0.0
     moments = torch.zeros(4, dtype=torch.float64)  # sums of prediction, prediction^2, target, target^2 in the mask
+    extras: dict[str, float] = {}  # the method's own validation measures, weighted by batch size
     count = 0
     for batch in DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers):
         batch = _to_device(batch, device)
@@ -384,6 +386,8 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
         with _autocast(device, config.precision):
             loss += method.validation_loss(batch, generator) * size
             prediction = _validation_translation(method, batch, generator, config.val_options)
+            for key, value in method.validation_metrics(batch, generator).items():
+                extras[f"val_{key}"] = extras.get(f"val_{key}", 0.0) + value * size
         inside = batch["mask"] > 0.5
         difference = (prediction.float() - batch["target"].float()) * batch["mask"]
         error += float(difference.abs().sum())
@@ -401,6 +405,7 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
         "val_psnr": 10.0 * math.log10(4.0 / mse) if mse > 0 else math.inf,
         "val_pred_std": spread[0],
         "val_target_std": spread[1],
+        **{key: total / max(count, 1) for key, total in extras.items()},
     }
 
 
@@ -567,7 +572,7 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
                 losses = _mean_over_ranks(means, world, device)
                 log.write({"step": step, **losses, "steps_per_s": rate})
                 bar.update(task, info="  ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"  {rate:.1f} steps/s")
-            if val_set is not None and world.main and (step % config.val_every == 0 or last):
+            if val_set is not None and config.validate and world.main and (step % config.val_every == 0 or last):
                 with inference_modules(method, state.ema.modules):
                     history.append({"step": step, **validate(method, val_set, config, device)})
                 log.write(history[-1])

@@ -21,6 +21,7 @@ A config with several targets gets this layout once per target, in OUT/TARGET/; 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -112,6 +113,10 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
     previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
     manifest = _dataset(config)
     folds = _folds(config, manifest)
+    if config.budget["train_seconds"] is not None:
+        first = next(iter(folds.values()))
+        config = _budgeted(config, _fold_manifest(manifest, first, out / "folds" / next(iter(folds)) / "manifest.json"),
+                           shared or out, log)
     device = resolve_device(config.train["training"].get("device"))
     runs, methods = [], {}
     scale, planar = HU_SCALE, False
@@ -159,6 +164,8 @@ def _folds(config: BenchmarkConfig, manifest: Manifest) -> dict[str, list[str]]:
         raise InputError(config.data, f"needs at least two cases with both {config.source} and {config.target}")
     if config.test == LEAVE_ONE_OUT:
         return {case_id: [case_id] for case_id in paired}
+    if isinstance(config.test, int):
+        return _k_folds(config, paired, config.test)
     missing = [case_id for case_id in config.test if case_id not in paired]
     if missing:
         raise InputError(config.path, f"test case(s) {', '.join(missing)} are not cases of {config.data} with both "
@@ -166,6 +173,15 @@ def _folds(config: BenchmarkConfig, manifest: Manifest) -> dict[str, list[str]]:
     if len(config.test) == len(paired):
         raise InputError(config.path, "every case is held out: nothing is left to train on")
     return {"+".join(config.test): list(config.test)}
+
+
+def _k_folds(config: BenchmarkConfig, cases: list[str], folds: int) -> dict[str, list[str]]:
+    """K folds by case: cases ranked by a seeded hash (as manifest splits are), dealt out in turn, so the
+    folds do not depend on file order and sizes differ by at most one."""
+    if folds > len(cases):
+        raise InputError(config.path, f"{folds} folds need at least {folds} cases with both modalities, not {len(cases)}")
+    ranked = sorted(cases, key=lambda cid: hashlib.sha256(f"{config.evaluation['seed']}\0{cid}".encode()).hexdigest())
+    return {f"fold{k + 1}": sorted(ranked[k::folds]) for k in range(folds)}
 
 
 def _fold_manifest(manifest: Manifest, held_out: list[str], path: Path) -> Path:
@@ -185,27 +201,28 @@ def _train(
     run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage)."""
     stages = get_method(entry.method).training_stages
     targets = ",".join(config.targets if every_target else [config.target])
+    sections = config.train_sections(entry)
     total: float | None = 0.0
     previous = None
     for stage in stages or [None]:
         stage_dir = run_dir if stage is None or stage == stages[-1] else run_dir / stage
         options = ["--target", targets] + ([] if stage is None else ["--stage", stage])
-        seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), manifest, stage_dir, options,
-                               previous, log)
+        seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), sections, manifest, stage_dir,
+                               options, previous, log)
         total = None if total is None or seconds is None else total + seconds
         previous = stage_dir
     return total
 
 
 def _train_stage(
-    config: BenchmarkConfig, name: str, method: str, method_config: dict[str, Any], manifest: Path, run_dir: Path,
-    options: list[str], previous: Path | None, log: Callable[[str], None],
+    config: BenchmarkConfig, name: str, method: str, method_config: dict[str, Any], sections: dict[str, dict[str, Any]],
+    manifest: Path, run_dir: Path, options: list[str], previous: Path | None, log: Callable[[str], None],
 ) -> float | None:
     """Train through `crossdiff train` unless a finished run with the same settings is there; resume an
     unfinished one. A stage after the first builds on the `previous` one (cldm's --autoencoder).
     Returns the training seconds (None when they are unknown for a reused run)."""
     record = run_dir / TRAIN_RECORD
-    settings = yaml.safe_dump({"method": method_config, **config.train}, sort_keys=True)
+    settings = yaml.safe_dump({"method": method_config, **sections}, sort_keys=True)
     saved = run_dir / TRAIN_CONFIG
     if saved.is_file() and saved.read_text(encoding="utf-8") != settings:
         raise CrossdiffError(f"{run_dir} was trained with other settings than {config.path} gives now; "
@@ -220,6 +237,52 @@ def _train_stage(
     seconds = None if run.resumed else run.seconds  # a resumed run's earlier part went unmeasured
     write_json(record, {"seconds": seconds, "command": run.command})
     return seconds
+
+
+def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[[str], None]) -> BenchmarkConfig:
+    """Every method gets the same training wall time: its steps = budget x its own steps per second, measured
+    once on `calibration_steps` steps of the first fold (in OUT/budget/, reused by later runs) and recorded,
+    so a rerun trains exactly the same steps. The rate is the last logged one (after warm-up)."""
+    seconds, calibration = float(config.budget["train_seconds"]), int(config.budget["calibration_steps"])
+    entries = []
+    for entry in config.methods:
+        if get_method(entry.method).training_stages:
+            raise InputError(config.path, f"a time budget cannot be split over {entry.method}'s training stages; "
+                                          "give it steps in its own 'train' section instead")
+        record = out / "budget" / f"{entry.name}.json"
+        if not record.is_file():
+            write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration, log))
+        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_s"])
+        steps = max(1, int(seconds * rate))
+        log(f"budget: {entry.name} runs {rate:.3g} steps/s: {steps} steps in {seconds:g} s")
+        entries.append(replace(entry, train=_merge_sections(entry.train, {"training": {"steps": steps}})))
+    return replace(config, methods=entries)
+
+
+def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, steps: int,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Train `steps` steps in a throw-away run and read the steps per second of its last log interval."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sections = _merge_sections(config.train_sections(entry), {"training": {
+        "steps": steps, "log_every": max(1, steps // 2), "validate": False, "checkpoint_every": steps}})
+    settings = run_dir / TRAIN_CONFIG
+    write_text(settings, yaml.safe_dump({"method": entry.config, **sections}, sort_keys=True))
+    log(f"budget: timing {entry.name} on {steps} steps")
+    run = train_with_command(entry.method, manifest, run_dir, settings, ["--source", config.source, "--target", config.target])
+    rates = [row["steps_per_s"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "steps_per_s" in row]
+    if not rates:
+        raise CrossdiffError(f"timing {entry.name} in {run_dir} logged no speed")
+    return {"steps_per_s": rates[-1], "calibration_steps": steps, "command": run.command}
+
+
+def _merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {key: dict(value) for key, value in base.items()}
+    for key, value in overrides.items():
+        merged[key] = {**merged.get(key, {}), **value}
+    return merged
 
 
 # --------------------------------------------------------------------------------------- held-out cases

@@ -5,13 +5,18 @@ data: ../data/sarcoma-ct-mr-pet      # dataset folder or manifest, relative to t
 layout: modality-folders              # optional; detected otherwise
 source: mr
 target: ct                            # or several, [ct, pet]: one report per target, in OUT/<target>/
-test: [STS_003]                       # held-out cases (one split), or `test: leave-one-out` (one fold per case)
+test: [STS_003]                       # held-out cases (one split), `test: leave-one-out` (one fold per case),
+                                      # or `test: {folds: 5}` (5 folds by case, seeded by evaluation.seed)
+groups: {brain: [P01, P02], body: [P10]}  # optional: summaries per group of cases (e.g. body region)
+budget: {train_seconds: 600}          # optional: every method trains for the same wall time: its steps are
+                                      # set from its own speed, measured on calibration_steps (default 20)
 methods:
   - {method: unet}
   - {method: cddpm, name: cddpm-ddim20, config: {sampler: ddim, steps: 20},
      timing: [{sampler: ddpm, steps: 1000}]}   # also time other samplers of the trained model (speed only)
   - {method: cldm, stages: {diffusion: {sampler: ddim, steps: 20}}}   # one model for every target; each
                                       # stage trained with `config` plus its own `stages` section
+  - {method: pix2pix, train: {training: {batch_size: 4}}}   # per-method overrides of the shared sections
 train:                                # `crossdiff train --config` sections shared by every method
   slices: {size: [64, 64], fit: resize}
   preparation: {registration: rigid}
@@ -44,7 +49,8 @@ from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.metrics import STANDARDS
 from crossdiff.methods import get_method
 
-TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick")
+TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick", "groups", "budget")
+BUDGET_DEFAULTS: dict[str, Any] = {"train_seconds": None, "calibration_steps": 20}
 TRAIN_SECTIONS = ("slices", "preparation", "training")
 EVALUATION_DEFAULTS: dict[str, Any] = {
     "metrics": "synthrad2023", "slices": None, "samples": 1, "noise_levels": [], "fid_features": None, "seed": 0,
@@ -64,6 +70,7 @@ class MethodEntry:
     config: dict[str, Any] = field(default_factory=dict)
     timing: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def stage_config(self, stage: str | None) -> dict[str, Any]:
         """The method section one training stage (None: an unstaged method) is given."""
@@ -82,6 +89,12 @@ class BenchmarkConfig:
     train: dict[str, dict[str, Any]]
     evaluation: dict[str, Any]
     targets: tuple[str, ...] = ()
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=lambda: dict(BUDGET_DEFAULTS))
+
+    def train_sections(self, entry: MethodEntry) -> dict[str, dict[str, Any]]:
+        """The shared training sections with the entry's own overrides merged over them."""
+        return _merged(self.train, entry.train)
 
     def for_target(self, target: str) -> BenchmarkConfig:
         """The same benchmark about one of its targets."""
@@ -126,6 +139,8 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
         methods=_methods(path, raw["methods"]),
         train=_train_sections(path, raw.get("train") or {}),
         evaluation=_evaluation(path, raw.get("evaluation") or {}),
+        groups=_groups(path, raw.get("groups") or {}),
+        budget=_budget(path, raw.get("budget") or {}),
     )
 
 
@@ -152,14 +167,40 @@ def _targets(path: Path, value: Any) -> tuple[str, ...]:
     return tuple(v.lower() for v in values)
 
 
-def _test_cases(path: Path, value: Any) -> list[str] | str:
+def _test_cases(path: Path, value: Any) -> list[str] | str | int:
     if value == LEAVE_ONE_OUT:
         return LEAVE_ONE_OUT
+    if isinstance(value, dict):
+        folds = value.get("folds")
+        if set(value) != {"folds"} or not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+            raise InputError(path, f"'test: {{folds: K}}' needs a whole number K >= 2, not {value!r}")
+        return folds
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return list(value)
-    raise InputError(path, f"'test' must list held-out case ids or be {LEAVE_ONE_OUT!r}")
+    raise InputError(path, f"'test' must list held-out case ids, be {LEAVE_ONE_OUT!r} or {{folds: K}}")
+
+
+def _groups(path: Path, value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str) and isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)
+        for name, ids in value.items()
+    ):
+        raise InputError(path, "'groups' must map group names to lists of case ids")
+    return {name: list(ids) for name, ids in value.items()}
+
+
+def _budget(path: Path, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - set(BUDGET_DEFAULTS):
+        raise InputError(path, f"'budget' may hold only {', '.join(BUDGET_DEFAULTS)}")
+    settings = {**BUDGET_DEFAULTS, **value}
+    seconds, steps = settings["train_seconds"], settings["calibration_steps"]
+    if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0):
+        raise InputError(path, f"budget train_seconds must be a positive number of seconds, not {seconds!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 5:
+        raise InputError(path, f"budget calibration_steps must be a whole number >= 5, not {steps!r}")
+    return settings
 
 
 def _methods(path: Path, value: Any) -> list[MethodEntry]:
@@ -168,9 +209,10 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
     entries = []
     for item in value:
         item = {"method": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing", "stages"}:
-            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config', 'timing' "
-                                   "and 'stages'")
+        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing", "stages",
+                                                                              "train"}:
+            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config', 'timing', "
+                                   "'stages' and 'train'")
         stages = item.get("stages") or {}
         if not isinstance(stages, dict) or not all(isinstance(section, dict) for section in stages.values()):
             raise InputError(path, f"'stages' of {item['method']} must map stage names to method sections")
@@ -187,7 +229,8 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
                                    "[{sampler: ddpm, steps: 1000}]")
         entries.append(MethodEntry(str(item["method"]), str(item.get("name", item["method"])),
                                    dict(item.get("config") or {}), [dict(options) for options in timing],
-                                   {str(stage): dict(section) for stage, section in stages.items()}))
+                                   {str(stage): dict(section) for stage, section in stages.items()},
+                                   _train_sections(path, item.get("train") or {})))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -20,7 +20,7 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 ALPHA = 0.05
 # Which way is better for each metric; ME (bias) has no better side, only a smaller |ME|.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim_2d": True, "ms_ssim": True}
 
 
 def higher_is_better(metric: str) -> bool | None:
@@ -82,7 +82,10 @@ def bootstrap_mean_ci(
 class PairedTest:
     """Wilcoxon signed-rank test of `metric` between methods `a` and `b` over `n` paired `unit` (cases
     or slices). `median_difference` is median(a - b); `better` names the method the median difference
-    favours ('neither' for a zero difference or a metric without a better side); `significant` is p < 0.05."""
+    favours ('neither' for a zero difference or a metric without a better side); `significant` is p < 0.05.
+    `effect_size` is the matched-pairs rank-biserial correlation (Kerby 2014: the share of the signed-rank
+    sum favouring a - b > 0 minus the share against, from -1 to 1); `ci_low`/`ci_high` a seeded BCa
+    bootstrap 95% interval of the mean difference a - b."""
 
     metric: str
     a: str
@@ -93,6 +96,9 @@ class PairedTest:
     p_value: float
     median_difference: float
     better: str
+    effect_size: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
 
     @property
     def significant(self) -> bool:
@@ -101,7 +107,8 @@ class PairedTest:
     def as_dict(self) -> dict[str, object]:
         return {"metric": self.metric, "a": self.a, "b": self.b, "unit": self.unit, "n": self.n,
                 "statistic": self.statistic, "p_value": self.p_value, "median_difference": self.median_difference,
-                "better": self.better, "significant": self.significant}
+                "better": self.better, "significant": self.significant, "effect_size": self.effect_size,
+                "mean_difference_ci95_low": self.ci_low, "mean_difference_ci95_high": self.ci_high}
 
 
 def paired_wilcoxon(
@@ -127,7 +134,19 @@ def paired_wilcoxon(
     direction = higher_is_better(metric) if higher_better is None else higher_better
     if direction is not None and median != 0:
         better = name_a if (median > 0) == direction else name_b
-    return PairedTest(metric, name_a, name_b, unit, len(keys), float(result.statistic), float(result.pvalue), median, better)
+    low, high = bootstrap_mean_ci(diff)
+    return PairedTest(metric, name_a, name_b, unit, len(keys), float(result.statistic), float(result.pvalue), median, better,
+                      rank_biserial(diff), low, high)
+
+
+def rank_biserial(differences: np.ndarray) -> float:
+    """Matched-pairs rank-biserial correlation of paired differences (zeros dropped, ties mid-ranked):
+    (sum of ranks of positive differences - sum of ranks of negative ones) / sum of all ranks."""
+    nonzero = differences[differences != 0]
+    if nonzero.size == 0:
+        return 0.0
+    ranks = stats.rankdata(np.abs(nonzero))
+    return float((ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum())
 
 
 def pairwise_tests(
