@@ -23,6 +23,7 @@ from phi import PHI, phi_found, phi_in_files, readable_text
 
 from crossdiff import __version__
 from crossdiff.dicom_output import Derivation, DicomRequest, read_source_series, write_dicom_outputs
+from crossdiff.errors import InputError
 from crossdiff.readers import read_volume
 from crossdiff.volumes import Volume
 
@@ -207,3 +208,15 @@ def test_a_left_handed_grid_comes_back_reversed_with_the_same_voxels_in_space(tr
     np.testing.assert_allclose(back.GetOrigin(), sct.geometry.origin, atol=1e-4)
     np.testing.assert_allclose(back.GetDirection(), sct.geometry.direction, atol=1e-6)
     assert np.abs(sitk.GetArrayFromImage(back) - sct.array).max() <= 0.5
+
+
+def test_a_folder_holding_other_files_is_not_replaced(translated: SimpleNamespace, tmp_path: Path) -> None:
+    sct = read_volume(translated.out / "sct.nii.gz")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="holds other files"):
+        write_dicom_outputs(sct, None, DicomRequest(tmp_path / "out", None), Derivation("cddpm", "model", "test"))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+    first = write_dicom_outputs(sct, None, DicomRequest(tmp_path / "again", None), Derivation("cddpm", "model", "test"))
+    second = write_dicom_outputs(sct, None, DicomRequest(tmp_path / "again", None), Derivation("cddpm", "model", "test"))
+    assert first.sct_files == second.sct_files and all(path.is_file() for path in second.sct_files)  # earlier output replaced
