@@ -35,7 +35,7 @@ def readme_rows() -> dict[str, str]:
         usage = match["usage"] + match["rest"]
         words = match["usage"].split()
         name = " ".join(words[:2]) if words[0] == "study" else words[0]
-        rows[name] = usage
+        rows[name] = rows.get(name, "") + " " + usage  # a command may have several rows (translate: DICOM output)
     return rows
 
 

@@ -9,7 +9,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from crossdiff.data.cases import PreparedCase
     from crossdiff.data.manifest import Manifest
     from crossdiff.data.slices import SliceConfig
-    from crossdiff.inference import ModelSpec
+    from crossdiff.dicom_output import DicomOutput, DicomRequest
+    from crossdiff.inference import LoadedModel, ModelSpec, VolumeTranslation
     from crossdiff.intensity import IntensityScaling
     from crossdiff.volumes import Volume
 
@@ -515,7 +516,12 @@ def _unpaired_split(manifest: Manifest, source: str, target: str, seed: int) -> 
 def translate(
     model: Annotated[Path, typer.Option(help="Checkpoint folder, its run folder, or checkpoints/latest.")],
     input: Annotated[Path, typer.Option(help="Source image (file or DICOM folder).")],
-    output: Annotated[Path, typer.Option(help="Translated image to write (NIfTI, MHA, NRRD, or PNG with the window said).")],
+    output: Annotated[Optional[Path], typer.Option(help="Translated image to write (NIfTI, MHA, NRRD, or PNG with the window said).")] = None,
+    output_dicom: Annotated[Optional[Path], typer.Option(help="Folder for the sCT as a DICOM CT series (+ uncertainty).")] = None,
+    reference_dicom: Annotated[Optional[Path], typer.Option(
+        help="MR DICOM series whose patient, study and frame of reference the DICOM output joins (default: the input).")] = None,
+    patient: Annotated[Optional[list[str]], typer.Option(help="Replace the DICOM output's Patient module: KEYWORD=VALUE, "
+                                                              "e.g. PatientID=123; repeatable.")] = None,
     uncertainty: Annotated[Optional[Path], typer.Option(help="Also write the per-voxel std of the draws (stochastic).")] = None,
     samples: Annotated[int, typer.Option(help="Monte-Carlo draws of a stochastic method; the output is their mean.")] = 1,
     sampler: Annotated[Optional[str], typer.Option(help=f"Sampler of a diffusion method: {', '.join(SAMPLER_NAMES)}.")] = None,
@@ -538,29 +544,35 @@ def translate(
 
     The input is compared with what the model was trained on (modality, units, volume or 2-D slices):
     a mismatch is refused, or with --force only warned about."""
-    from crossdiff.inference import load_model, translate_volume
+    from crossdiff.dicom_output import dicom_request
+    from crossdiff.inference import load_model
 
-    options = dict(_option(item) for item in option or [])
-    options |= {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+    if output is None and output_dicom is None:
+        raise CrossdiffError("give --output FILE (NIfTI, MHA, NRRD), --output-dicom DIR, or both")
+    options = _method_options(option, sampler, steps)
+    request = dicom_request(output_dicom, input, reference_dicom, patient or []) if output_dicom is not None else None
     loaded = load_model(model, device)
     spec = loaded.spec.for_target(target)  # an unknown target fails here, before the input is read
     if uncertainty is not None and not loaded.method.stochastic:
         raise CrossdiffError(f"{loaded.method.name} is deterministic: it has no spread to write; leave out --uncertainty")
     if uncertainty is not None and samples < 2:
         raise CrossdiffError("--uncertainty needs at least two draws: add --samples N (N >= 2)")
-    window = _png_window(png_window, spec.target_scaling) if output.name.lower().endswith(".png") else None
+    window = _png_window(png_window, spec.target_scaling) if output is not None and output.name.lower().endswith(".png") else None
     volume = _translation_input(input, spec, units, colour, force)
+    if request is not None:
+        request.check(volume.geometry, spec.target_modality)
     body = _translation_mask(mask, volume)
-    with progress(f"translating {input.name}") as (bar, task):
-        result = translate_volume(
-            loaded, volume, samples=samples, options=options, mask=body, batch_size=batch_size, seed=seed,
-            match_spacing=match_spacing, progress=lambda done, total: bar.update(task, completed=done, total=total),
-            target=target,
-        )
+    result = _translate_with_progress(
+        loaded, volume, f"translating {input.name}", samples=samples, options=options, mask=body, batch_size=batch_size,
+        seed=seed, match_spacing=match_spacing, target=target,
+    )
     summary = f"{loaded.method.name}, {result.nfe} network evaluations per draw, {samples} draw(s)"
-    _write_translation(result.mean, output, window, summary)
+    if output is not None:
+        _write_translation(result.mean, output, window, summary)
     if uncertainty is not None and result.std is not None:
         _write_translation(result.std, uncertainty, None if window is None else (0.0, window[1] - window[0]), "spread")
+    if request is not None:
+        _write_dicom(loaded, result, request, options, samples, seed)
 
 
 def _translation_input(path: Path, spec: ModelSpec, units: str | None, colour: str, force: bool) -> Volume:
@@ -612,6 +624,90 @@ def _write_translation(volume: Volume, path: Path, window: tuple[float, float] |
     mapping = f"grey = 255 x ({volume.units or 'value'} - {window[0]:g}) / ({window[1]:g} - {window[0]:g}), clipped"
     out_console.print(f"wrote {len(files)} PNG file(s) from {files[0]} ({summary}); {mapping}; PNG has no geometry",
                       soft_wrap=True, highlight=False)
+
+
+def _method_options(option: list[str] | None, sampler: str | None, steps: int | None) -> dict[str, object]:
+    options = dict(_option(item) for item in option or [])
+    return options | {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+
+
+def _translate_with_progress(loaded: LoadedModel, volume: Volume, description: str, **settings: Any) -> VolumeTranslation:
+    from crossdiff.inference import translate_volume
+
+    with progress(description) as (bar, task):
+        return translate_volume(
+            loaded, volume, progress=lambda done, total: bar.update(task, completed=done, total=total), **settings
+        )
+
+
+def _write_dicom(
+    loaded: LoadedModel, result: VolumeTranslation, request: DicomRequest, options: dict, samples: int, seed: int
+) -> DicomOutput:
+    """Write the DICOM series of a translation and say what they are; warnings go to stderr."""
+    from crossdiff.dicom_output import derivation_of, write_dicom_outputs
+
+    written = write_dicom_outputs(result.mean, result.std, request, derivation_of(loaded, options, samples, seed))
+    for note in written.warnings:
+        err_console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+    out_console.print(f"wrote {written.folder}: sCT series {written.sct_series_uid} ({len(written.sct_files)} CT files)",
+                      soft_wrap=True, highlight=False)
+    if written.uncertainty_series_uid is not None:
+        out_console.print(f"  uncertainty series {written.uncertainty_series_uid} (Parametric Map, not for planning)",
+                          soft_wrap=True, highlight=False)
+    return written
+
+
+@app.command()
+def pacs(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder, its run folder, or checkpoints/latest.")],
+    study: Annotated[str, typer.Option(help="StudyInstanceUID of the study holding the MR series.")],
+    out: Annotated[Path, typer.Option(help="Folder for sct.nii.gz, uncertainty.nii.gz, dicom/ and summary.json.")],
+    host: Annotated[str, typer.Option(help="PACS address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="PACS DICOM port.")] = 104,
+    aet: Annotated[str, typer.Option(help="The PACS's AE title (called AE).")] = "ORTHANC",
+    calling_aet: Annotated[str, typer.Option(help="Our AE title, as the PACS knows us.")] = "CROSSDIFF",
+    series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when the study holds several MR series.")] = None,
+    samples: Annotated[int, typer.Option(help="Monte-Carlo draws; with 2 or more an uncertainty series is stored too.")] = 1,
+    sampler: Annotated[Optional[str], typer.Option(help="Sampler of a diffusion method.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps of a diffusion method.")] = None,
+    patient: Annotated[Optional[list[str]], typer.Option(help="Replace the Patient module: KEYWORD=VALUE; repeatable.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random draws.")] = 0,
+) -> None:
+    """Pull a study's MR series from a PACS (C-FIND, C-GET), translate it, store the sCT and uncertainty series back (C-STORE)."""
+    import tempfile
+
+    from crossdiff.atomic import write_json
+    from crossdiff.dicom_output import DicomRequest, check_ct_target, check_destination, patient_values
+    from crossdiff.inference import load_model
+    from crossdiff.pacs import PacsNode, pull_mr_series, store_outputs
+    from crossdiff.volumes import write_volume
+
+    node = PacsNode(host, port, aet, calling_aet)
+    options = _method_options(None, sampler, steps)
+    replacement = patient_values(patient) if patient else None
+    check_destination(out / "dicom")
+    with tempfile.TemporaryDirectory(prefix="crossdiff-pacs-") as tmp:
+        source, volume = pull_mr_series(node, study, Path(tmp), series)
+        out_console.print(f"retrieved MR series {source.series_uid} ({len(source.headers)} instances)", highlight=False)
+        loaded = load_model(model, device)
+        check_ct_target(loaded.spec.target_modality)
+        result = _translate_with_progress(loaded, volume, "translating the MR series", samples=samples, options=options,
+                                          seed=seed)
+        files = {"sct": write_volume(result.mean, out / "sct.nii.gz")}
+        if result.std is not None:
+            files["uncertainty"] = write_volume(result.std, out / "uncertainty.nii.gz")
+        written = _write_dicom(loaded, result, DicomRequest(out / "dicom", source, replacement), options, samples, seed)
+    stored = store_outputs(node, written)
+    out_console.print(f"stored on PACS {node}: " + ", ".join(f"{n} instances of series {uid}" for uid, n in stored.items()),
+                      soft_wrap=True, highlight=False)
+    write_json(out / "summary.json", {
+        "pacs": str(node), "study": study, "mr_series": source.series_uid, "mr_instances": len(source.headers),
+        "method": loaded.method.name, "model": str(loaded.folder), "samples": samples, "seed": seed, "options": options,
+        "nfe_per_draw": result.nfe, "files": {key: str(path) for key, path in files.items()} | {"dicom": str(written.folder)},
+        "sct_series": written.sct_series_uid, "uncertainty_series": written.uncertainty_series_uid,
+        "frame_of_reference": written.frame_of_reference_uid, "stored": stored,
+    })
 
 
 @app.command()

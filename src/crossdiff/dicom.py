@@ -36,7 +36,9 @@ class SeriesInfo:
     files: tuple[str, ...]
 
     def summary(self) -> str:
-        return f"{self.uid} ({self.modality}, {len(self.files)} files{', ' + self.description if self.description else ''})"
+        """UID, modality and size: no SeriesDescription, which exporters fill with patient identifiers
+        (the sarcoma set's holds the patient ID), so messages never carry one."""
+        return f"{self.uid} ({self.modality}, {len(self.files)} files)"
 
 
 def has_dicom_marker(path: Path) -> bool:
@@ -82,12 +84,20 @@ def _group_series(folder: Path) -> list[tuple[SeriesInfo, list[pydicom.Dataset]]
     return series
 
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read one series of `folder` (the only one, or the one with `series_uid`) as a Volume."""
+def read_series_headers(folder: str | Path, series_uid: str | None = None) -> tuple[SeriesInfo, list[pydicom.Dataset]]:
+    """One series of `folder` (the only one, or the one with `series_uid`) and its headers in slice order,
+    checked like `read_dicom_series` checks them (one grid, evenly spaced), without the pixels."""
     folder = Path(folder)
     series, headers = _choose_series(folder, _group_series(folder), series_uid)
     _check_consistent(folder, series, headers)
     _check_even_spacing(folder, headers)
+    return series, headers
+
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
+    """Read one series of `folder` (the only one, or the one with `series_uid`) as a Volume."""
+    folder = Path(folder)
+    series, headers = read_series_headers(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
     # The pixel type must not come from the first slice alone: PET stores a different Rescale
