@@ -777,6 +777,8 @@ def benchmark(
     config: Annotated[Path, typer.Option(help="Benchmark YAML (see benchmarks/configs/).")],
     quick: Annotated[bool, typer.Option("--quick", metavar="", help="Apply the config's 'quick' overrides (a run of minutes).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default: crossdiff-runs/benchmark-<config name>[-quick]).")] = None,
+    folds: Annotated[Optional[str], typer.Option(help="Only these folds, comma-separated (e.g. fold1,fold2): "
+                                                      "parallel runs into one --out; a run without it reuses them.")] = None,
 ) -> None:
     """Train every listed method on one split with one budget, translate the held-out cases, score and report.
 
@@ -788,7 +790,9 @@ def benchmark(
 
     settings = load_benchmark_config(config, quick=quick)
     out = out or Path("crossdiff-runs") / f"benchmark-{config.stem}{'-quick' if quick else ''}"
-    results = run_benchmarks(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True))
+    only = [name.strip() for name in folds.split(",") if name.strip()] if folds else None
+    results = run_benchmarks(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True),
+                             only=only)
     for result in results:
         files = write_benchmark_report(result)
         out_console.print(benchmark_table(result))

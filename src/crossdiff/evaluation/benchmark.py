@@ -100,23 +100,30 @@ class BenchmarkResult:
         return self.scale.hounsfield
 
 
-def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> list[BenchmarkResult]:
-    """One result per target of the config: OUT itself for one target, OUT/TARGET for several."""
+def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
+                   only: list[str] | None = None) -> list[BenchmarkResult]:
+    """One result per target of the config: OUT itself for one target, OUT/TARGET for several. `only` runs just
+    those folds (e.g. two processes sharing one OUT, each on its own folds); a later run without it reuses them."""
     if len(config.targets) == 1:
-        return [run_benchmark(config, out, log)]
-    return [run_benchmark(config.for_target(target), out / target, log, shared=out) for target in config.targets]
+        return [run_benchmark(config, out, log, only=only)]
+    return [run_benchmark(config.for_target(target), out / target, log, shared=out, only=only) for target in config.targets]
 
 
 def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
-                  shared: Path | None = None) -> BenchmarkResult:
+                  shared: Path | None = None, only: list[str] | None = None) -> BenchmarkResult:
     """Train, translate and score every (fold, method, held-out case) for config.target, reusing what a
     previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
     manifest = _dataset(config)
     folds = _folds(config, manifest)
-    if config.budget["train_seconds"] is not None:
-        first = next(iter(folds.values()))
-        config = _budgeted(config, _fold_manifest(manifest, first, out / "folds" / next(iter(folds)) / "manifest.json"),
+    if config.budget["train_seconds"] is not None:  # timed on the first fold, whichever folds this run does
+        first = next(iter(folds))
+        config = _budgeted(config, _fold_manifest(manifest, folds[first], out / "folds" / first / "manifest.json"),
                            shared or out, log)
+    if only:
+        unknown = sorted(set(only) - set(folds))
+        if unknown:
+            raise CrossdiffError(f"no fold {', '.join(unknown)}; the folds are {', '.join(folds)}")
+        folds = {name: cases for name, cases in folds.items() if name in only}
     device = resolve_device(config.train["training"].get("device"))
     runs, methods = [], {}
     scale, planar = HU_SCALE, False
@@ -246,6 +253,9 @@ def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[
     seconds, calibration = float(config.budget["train_seconds"]), int(config.budget["calibration_steps"])
     entries = []
     for entry in config.methods:
+        if "steps" in entry.train.get("training", {}):  # the entry says its own steps (e.g. a staged method)
+            entries.append(entry)
+            continue
         if get_method(entry.method).training_stages:
             raise InputError(config.path, f"a time budget cannot be split over {entry.method}'s training stages; "
                                           "give it steps in its own 'train' section instead")
