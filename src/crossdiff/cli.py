@@ -373,7 +373,8 @@ def train(
                            target=target, target_scaling=target_scaling)
         val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
     seed_everything(training.seed)
-    data = DataSpec(slices.channels, 1, slices.size)
+    patch = slices.crop if slices.crop is not None and cls.patch_training else slices.size
+    data = DataSpec(slices.channels, 1, patch)  # the size of the training images: patches when it trains on them
     if autoencoder is not None:
         model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
     else:

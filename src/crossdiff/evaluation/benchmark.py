@@ -134,24 +134,71 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             home = (shared or out) if every_target else out
             run_dir = home / "runs" / fold / entry.name
             train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target)
-            model = load_model(run_dir, device)
-            info = methods.setdefault(
-                entry.name, MethodInfo(entry.name, entry.method, model.method.stochastic, parameter_count(model.method))
-            )
-            per_step = training_seconds_per_step(run_dir)
+            saved = _saved_runs(config, entry, fold, held_out, run_dir, out)
+            model = None if saved is not None else load_model(run_dir, device)
+            summary = _model_summary(run_dir, model, config.target)
+            info = methods.setdefault(entry.name, MethodInfo(entry.name, entry.method, summary["stochastic"],
+                                                             summary["parameters"]))
+            per_step = summary["seconds_per_step"]
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
-            scale = scale_for(family_of(config.target), model.spec.for_target(config.target).target_scaling.units)
+            scale, planar = scale_for(family_of(config.target), summary["target_units"]), bool(summary["planar"])
+            if saved is not None:
+                log(f"reusing the scored translations of {entry.name} in {fold}")
+                runs += saved
+                continue
+            assert model is not None
+            scoring = Scoring(config.evaluation["metrics"], scale, planar)
             for index, case_id in enumerate(held_out):
                 case = _held_out_case(config, manifest, case_id, model, out)
-                planar = case.reference.planar
-                scoring = Scoring(config.evaluation["metrics"], scale, planar)
                 with_noise = index == 0 and bool(config.evaluation["noise_levels"])
                 run = _case_run(config, entry.name, fold, case, model, out, with_noise, scoring, log)
                 if index == 0 and entry.timing:
                     run = replace(run, timing=_timing(config, entry, case, model, out, log))
                 runs.append(run)
     return BenchmarkResult(config, out, folds, runs, methods, scale, planar)
+
+
+MODEL_SUMMARY = "benchmark-model.json"
+
+
+def _model_summary(run_dir: Path, model: LoadedModel | None, target: str) -> dict[str, Any]:
+    """What the report needs of a trained model (kept in RUN/benchmark-model.json), so a benchmark whose
+    translations are all scored can be finished from its records alone, e.g. in a fresh checkout that
+    holds the committed records but no checkpoints."""
+    path = run_dir / MODEL_SUMMARY
+    if model is None:
+        return json.loads(path.read_text(encoding="utf-8"))
+    summary = {"stochastic": model.method.stochastic, "parameters": parameter_count(model.method),
+               "seconds_per_step": training_seconds_per_step(run_dir),
+               "target_units": model.spec.for_target(target).target_scaling.units, "planar": model.spec.planar}
+    write_json(path, summary)
+    return summary
+
+
+def _saved_runs(config: BenchmarkConfig, entry: MethodEntry, fold: str, held_out: list[str], run_dir: Path,
+                out: Path) -> list[CaseRun] | None:
+    """Every held-out case's run of this method and fold from its records, or None if any record (or the model
+    summary) is missing."""
+    records = out / "records" / entry.name
+    noise = bool(config.evaluation["noise_levels"])
+    needed = [run_dir / MODEL_SUMMARY, *(records / f"{case}.json" for case in held_out)]
+    needed += [records / f"{held_out[0]}.noise.json"] if noise else []
+    needed += [records / f"{held_out[0]}.timing.json"] if entry.timing else []
+    if not all(path.is_file() for path in needed):
+        return None
+
+    def read(path: Path) -> Any:
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    runs = []
+    for index, case in enumerate(held_out):
+        saved = read(records / f"{case}.json")
+        run = CaseRun(entry.name, fold, case, saved["metrics"], saved["slices"], saved["cost"], saved["variability"],
+                      read(records / f"{case}.noise.json") if index == 0 and noise else None,
+                      read(records / f"{case}.timing.json") if index == 0 and entry.timing else None)
+        runs.append(run)
+    return runs
 
 
 # --------------------------------------------------------------------------------------- data, folds
