@@ -316,6 +316,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (overrides the config).")] = None,
     stage: Annotated[Optional[str], typer.Option(help="cldm: autoencoder (stage 1) or diffusion (stage 2, the default).")] = None,
     autoencoder: Annotated[Optional[Path], typer.Option(help="cldm stage 2: the stage-1 run or checkpoint to build on.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder of prepared cases to share between runs (default: RUN/cache).")] = None,
 ) -> None:
     """Train a method on the manifest's train split, validating on its val split (else on a training case
     carved out, or with few cases on the training cases; never on test cases).
@@ -352,12 +353,13 @@ def train(
         source_ids, target_ids, val_ids, note = _unpaired_split(loaded, source, target, training.seed)
         train_ids = source_ids + target_ids
     err_console.print(f"validation: {note}", highlight=False, soft_wrap=True)
-    with progress("preparing cases", total=len(train_ids) + len(val_ids)) as (bar, task):
-        cases = prepare_cases(
-            ((cid, loaded.cases[cid]) for cid in train_ids + val_ids), preparation, out / "cache",
+    with progress("preparing cases", total=len(set(train_ids + val_ids))) as (bar, task):
+        unique = list(dict.fromkeys(train_ids + val_ids))  # validation may run on the training cases themselves
+        prepared = dict(zip(unique, prepare_cases(
+            ((cid, loaded.cases[cid]) for cid in unique), preparation, cache or out / "cache",
             on_case=lambda _: bar.advance(task),
-        )
-    train_cases, val_cases = cases[: len(train_ids)], cases[len(train_ids) :]
+        )))
+    train_cases, val_cases = [prepared[cid] for cid in train_ids], [prepared[cid] for cid in val_ids]
     if staged:
         train_set, val_set = stage_datasets(settings["method"], train_cases, val_cases, source, slices)
         spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)

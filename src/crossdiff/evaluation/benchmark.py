@@ -133,7 +133,7 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             every_target = get_method(entry.method).multi_target
             home = (shared or out) if every_target else out
             run_dir = home / "runs" / fold / entry.name
-            train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target)
+            train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target, (shared or out) / "cache")
             saved = _saved_runs(config, entry, fold, held_out, run_dir, out)
             model = None if saved is not None else load_model(run_dir, device)
             summary = _model_summary(run_dir, model, config.target)
@@ -249,10 +249,11 @@ def _fold_manifest(manifest: Manifest, held_out: list[str], path: Path) -> Path:
 
 def _train(
     config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, log: Callable[[str], None],
-    every_target: bool = False,
+    every_target: bool = False, cache: Path | None = None,
 ) -> float | None:
     """Train a method's stages one after the other (the last one in run_dir, earlier ones in
-    run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage)."""
+    run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage).
+    `cache` holds the prepared cases every run of the benchmark shares (default: each run its own)."""
     stages = get_method(entry.method).training_stages
     targets = ",".join(config.targets if every_target else [config.target])
     sections = config.train_sections(entry)
@@ -262,7 +263,7 @@ def _train(
         stage_dir = run_dir if stage is None or stage == stages[-1] else run_dir / stage
         options = ["--target", targets] + ([] if stage is None else ["--stage", stage])
         seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), sections, manifest, stage_dir,
-                               options, previous, log)
+                               options + (["--cache", str(cache)] if cache is not None else []), previous, log)
         total = None if total is None or seconds is None else total + seconds
         previous = stage_dir
     return total
@@ -294,9 +295,11 @@ def _train_stage(
 
 
 def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[[str], None]) -> BenchmarkConfig:
-    """Every method gets the same training wall time: its steps = budget x its own steps per second, measured
-    once on `calibration_steps` steps of the first fold (in OUT/budget/, reused by later runs) and recorded,
-    so a rerun trains exactly the same steps. The rate is the last logged one (after warm-up)."""
+    """Every method gets the same training time: its steps = budget x its own steps per second of CPU time,
+    measured once on `calibration_steps` steps of the first fold (in OUT/budget/, reused by later runs) and
+    recorded, so a rerun trains exactly the same steps. CPU time, because wall time on a shared machine
+    depends on what else runs during the few calibration steps; with one thread (OMP_NUM_THREADS=1) a CPU
+    second is a wall second of the same machine alone. The rate is the last logged one (after warm-up)."""
     seconds, calibration = float(config.budget["train_seconds"]), int(config.budget["calibration_steps"])
     entries = []
     for entry in config.methods:
@@ -308,15 +311,16 @@ def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[
                                           "give it steps in its own 'train' section instead")
         record = out / "budget" / f"{entry.name}.json"
         if not record.is_file():
-            write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration, log))
-        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_s"])
+            write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration,
+                                          out / "cache", log))
+        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_cpu_s"])
         steps = max(1, int(seconds * rate))
-        log(f"budget: {entry.name} runs {rate:.3g} steps/s: {steps} steps in {seconds:g} s")
+        log(f"budget: {entry.name} runs {rate:.3g} steps per CPU second: {steps} steps in {seconds:g} s")
         entries.append(replace(entry, train=_merge_sections(entry.train, {"training": {"steps": steps}})))
     return replace(config, methods=entries)
 
 
-def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, steps: int,
+def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, steps: int, cache: Path,
                log: Callable[[str], None]) -> dict[str, Any]:
     """Train `steps` steps in a throw-away run and read the steps per second of its last log interval."""
     import shutil
@@ -327,12 +331,13 @@ def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_
     settings = run_dir / TRAIN_CONFIG
     write_text(settings, yaml.safe_dump({"method": entry.config, **sections}, sort_keys=True))
     log(f"budget: timing {entry.name} on {steps} steps")
-    run = train_with_command(entry.method, manifest, run_dir, settings, ["--source", config.source, "--target", config.target])
-    rates = [row["steps_per_s"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if "steps_per_s" in row]
-    if not rates:
+    run = train_with_command(entry.method, manifest, run_dir, settings,
+                             ["--source", config.source, "--target", config.target, "--cache", str(cache)])
+    rows = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "steps_per_cpu_s" in row]
+    if not rows:
         raise CrossdiffError(f"timing {entry.name} in {run_dir} logged no speed")
-    return {"steps_per_s": rates[-1], "calibration_steps": steps, "command": run.command}
+    return {"steps_per_cpu_s": rows[-1]["steps_per_cpu_s"], "steps_per_s": rows[-1]["steps_per_s"],
+            "calibration_steps": steps, "command": run.command}
 
 
 def _merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
