@@ -285,12 +285,14 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
                 for r in result.runs if r.noise for row in r.noise]
         sections.append(Section("Noise robustness", "Drop: degradation from the clean source (positive = worse).",
                                 [Table.from_records(rows)], [drawn["noise"]]))
-    variability = [_variability_row(r) for r in result.runs if r.variability]
+    variability = [_variability_row(result, r) for r in result.runs if r.variability]
     if variability:
         sections.append(Section("Sample variability and uncertainty",
                                 "SD of each metric over the single draws; Spearman correlation of the per-voxel std "
-                                "with the absolute error of the mean inside the mask.",
-                                [Table.from_records(variability)], [drawn["calibration"]] if "calibration" in drawn else []))
+                                "with the absolute error of the mean inside the mask; the median std and the median "
+                                "absolute error inside the mask and their ratio (1: the spread is as large as the error).",
+                                [Table.from_records(_uncertainty_summary(variability)), Table.from_records(variability)],
+                                [drawn["calibration"]] if "calibration" in drawn else []))
     fid_rows = [{"method": n, "fid": f.value, "note": f.note} for n, f in fid_results.items()]
     sections.append(Section("FID", "", [Table.from_records(fid_rows)]))
     return sections
@@ -345,8 +347,33 @@ def _mean_sd(summary: list[dict[str, Any]], method: str, metric: str) -> str:
     return f"{row['mean']:.4g}" + ("" if row["n"] < 2 else f" ± {row['sd']:.2g}")
 
 
-def _variability_row(run: CaseRun) -> dict[str, Any]:
+def _variability_row(result: BenchmarkResult, run: CaseRun) -> dict[str, Any]:
     spread = run.variability["spread"]
     return {"method": run.method, "case": run.case, "draws": run.variability["draws"],
             **{f"sd_{m}": spread[m]["sd"] for m in spread if m in MAIN_METRICS},
-            "spearman_rho": run.variability["spearman"]["rho"]}
+            "spearman_rho": run.variability["spearman"]["rho"], **_spread_and_error(result, run)}
+
+
+def _spread_and_error(result: BenchmarkResult, run: CaseRun) -> dict[str, float]:
+    """Median per-voxel std and median |error| inside the mask, from the saved volumes (empty where this
+    checkout does not hold them: a report finished from committed records)."""
+    std_file = result.out / "uncertainty" / run.method / f"{run.case}.nii.gz"
+    if not std_file.is_file() or not (result.out / "translations" / run.method / f"{run.case}.nii.gz").is_file():
+        return {}
+    reference, prediction, mask = _case_arrays(result, run.method, run.case)
+    spread = read_volume(std_file).array[mask]
+    error = float(np.median(np.abs(prediction - reference)[mask]))
+    return {"median_std": float(np.median(spread)), "median_abs_error": error,
+            "std_over_error": float(np.median(spread)) / error if error > 0 else float("nan")}
+
+
+def _uncertainty_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: the mean Spearman over cases and the median ratio of spread to error."""
+    summary = []
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = [row for row in rows if row["method"] == method]
+        ratios = [row["std_over_error"] for row in mine if "std_over_error" in row]
+        summary.append({"method": method, "cases": len(mine), "mean_spearman": float(np.mean([r["spearman_rho"] for r in mine])),
+                        "min_spearman": float(np.min([r["spearman_rho"] for r in mine])),
+                        "median_std_over_error": float(np.median(ratios)) if ratios else None})
+    return summary
