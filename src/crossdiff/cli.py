@@ -31,9 +31,14 @@ from crossdiff.errors import CrossdiffError
 from crossdiff.methods import available_methods
 
 SAMPLER_NAMES = ("ddpm", "ddim", "em", "pc", "ode")  # crossdiff.diffusion.samplers; the CLI names them for --help
+BATCH_HELP = "(slice, draw) items per network batch (default: chosen for the device; the result does not depend on it)."
+PRECISION_HELP = ("Network arithmetic: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16 "
+                  "(GPU).")
+COMPILE_HELP = "torch.compile the networks (CUDA graphs on a GPU); pays off for large volumes."
 from crossdiff.study.cli import study_app
 
 if TYPE_CHECKING:
+    from crossdiff.acceleration import Acceleration
     from crossdiff.data.cases import PreparedCase
     from crossdiff.data.manifest import Manifest
     from crossdiff.data.slices import SliceConfig
@@ -533,7 +538,9 @@ def translate(
     mask: Annotated[str, typer.Option(help="Body mask file on the input grid, 'auto' (the input's automatic body mask) "
                                            "or 'none' (translate everything); outside it is background.")] = "auto",
     match_spacing: Annotated[bool, typer.Option("--match-spacing", metavar="", help="Work at the training in-plane spacing.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = None,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help=COMPILE_HELP)] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random draws: the same seed gives the same output.")] = 0,
     target: Annotated[Optional[str], typer.Option(help="Target of a multi-target model (`methods --model`).")] = None,
@@ -554,6 +561,7 @@ def translate(
         raise CrossdiffError("give --output FILE (NIfTI, MHA, NRRD), --output-dicom DIR, or both")
     options = _method_options(option, sampler, steps)
     request = dicom_request(output_dicom, input, reference_dicom, patient or []) if output_dicom is not None else None
+    acceleration = _acceleration(precision, compile)
     loaded = load_model(model, device)
     spec = loaded.spec.for_target(target)  # an unknown target fails here, before the input is read
     if uncertainty is not None and not loaded.method.stochastic:
@@ -567,7 +575,7 @@ def translate(
     body = _translation_mask(mask, volume)
     result = _translate_with_progress(
         loaded, volume, f"translating {input.name}", samples=samples, options=options, mask=body, batch_size=batch_size,
-        seed=seed, match_spacing=match_spacing, target=target,
+        seed=seed, match_spacing=match_spacing, target=target, acceleration=acceleration,
     )
     summary = f"{loaded.method.name}, {result.nfe} network evaluations per draw, {samples} draw(s)"
     if output is not None:
@@ -632,6 +640,12 @@ def _write_translation(volume: Volume, path: Path, window: tuple[float, float] |
 def _method_options(option: list[str] | None, sampler: str | None, steps: int | None) -> dict[str, object]:
     options = dict(_option(item) for item in option or [])
     return options | {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+
+
+def _acceleration(precision: str, compile: bool) -> Acceleration:
+    from crossdiff.acceleration import Acceleration
+
+    return Acceleration(precision=precision, compile=compile)
 
 
 def _translate_with_progress(loaded: LoadedModel, volume: Volume, description: str, **settings: Any) -> VolumeTranslation:
@@ -809,12 +823,17 @@ def demo(
     samples: Annotated[int, typer.Option(help="Monte-Carlo draws: their mean is the sCT, their spread the uncertainty.")] = 8,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps per draw (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = None,
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help=COMPILE_HELP)] = False,
 ) -> None:
     """The built-in default: the bundled patient's MR -> synthetic CT + uncertainty map, scored against its real CT."""
     from crossdiff.demo import run_demo
 
+    acceleration = _acceleration(precision, compile)
     with progress("demo: MR -> synthetic CT of the bundled patient STS_003") as (bar, task):
-        result = run_demo(out, device=device, samples=samples, steps=steps, seed=seed,
+        result = run_demo(out, device=device, samples=samples, steps=steps, seed=seed, batch_size=batch_size,
+                          acceleration=acceleration,
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
     metrics = result.metrics
     out_console.print(

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from crossdiff.acceleration import Acceleration
 from crossdiff.atomic import atomic_directory, write_json, write_text
 from crossdiff.checkpoints import RECORD_FILE
 from crossdiff.data.manifest import CaseEntry
@@ -89,45 +90,57 @@ def run_demo(
     sample_dir: Path = SAMPLE_DIR,
     model_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    batch_size: int | None = None,
+    acceleration: Acceleration | None = None,
 ) -> DemoResult:
     """Translate the bundled MR with the bundled model (`samples` Monte-Carlo draws of `steps` sampler
     steps, the model's default when None), score it against the bundled CT and write the report.
     `model_dir` replaces the bundled model (benchmarks/demo.py scores a baseline this way);
-    `progress(done, total)` is called as slices are translated."""
-    start = time.perf_counter()
+    `progress(done, total)` is called as slices are translated; `batch_size` and `acceleration` are
+    translate_volume's. The summary's `timings` say where the seconds went."""
+    clock = _Laps()
+    acceleration = acceleration or Acceleration()
     entry = sample_entry(sample_dir)
     model_dir = sample_dir / MODEL_FOLDER if model_dir is None else Path(model_dir)
     model = load_model(model_dir, device)
+    clock.lap("checksums and model")
     mr = read_volume(entry.images["mr"], modality="MR")
     body = body_mask(mr)
+    clock.lap("MR and body mask")
     options = {} if steps is None else {"steps": steps}
     translation = translate_volume(model, mr, samples=samples, options=options, mask=body, seed=seed,
-                                   progress=progress)
+                                   progress=progress, batch_size=batch_size, acceleration=acceleration)
+    clock.lap("translation")
     reference, region = scoring_reference(mr, read_volume(entry.images["ct"], modality="CT"), body, seed)
+    clock.lap("CT registration")
     synthetic = translation.mean.array
     metrics = case_metrics(reference, synthetic, region).values
     spread = translation.std.array if translation.std is not None else np.zeros_like(synthetic)
     error = synthetic - reference
     correlation = uncertainty_error_correlation(spread, error, region) if samples > 1 else None
+    clock.lap("metrics")
     record_file = model_dir / RECORD_FILE
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     settings = {"case": SAMPLE_CASE, "model": str(model_dir), "method": model.method.name, "device": device,
                 "samples": samples, "steps": steps or model.method.config.get("steps"), "seed": seed,
-                "sampler": model.method.config.get("sampler")}
+                "sampler": model.method.config.get("sampler"), "precision": acceleration.resolved(model.device)}
     with atomic_directory(out) as folder:
         write_volume(translation.mean, folder / "sct.nii.gz")
         files = ["sct.nii.gz"]
         if translation.std is not None:
             write_volume(translation.std, folder / "uncertainty.nii.gz")
             files.append("uncertainty.nii.gz")
+        clock.lap("writing volumes")
         _figure(folder / "report.png", mr, reference, synthetic, spread, region)
-        seconds = time.perf_counter() - start
+        clock.lap("figure")
+        seconds = clock.total()
         summary = {
             **settings,
             "nfe_per_draw": translation.nfe,
             "metrics": metrics,
             "spearman_uncertainty_error": None if correlation is None else asdict(correlation),
             "seconds": seconds,
+            "timings": clock.seconds,
             "machine": platform.machine(),
             "training_record": record,
         }
@@ -137,6 +150,22 @@ def run_demo(
         files += ["report.png", "report.html", "report.md", "summary.json", "config.yaml"]
     spearman = float("nan") if correlation is None else correlation.rho
     return DemoResult(Path(out), metrics, spearman, samples, translation.nfe, seconds, files)
+
+
+class _Laps:
+    """Seconds per stage of the demo, for summary.json's `timings` (benchmarks/speed.py reports them)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self.last
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _figure(path: Path, mr: Volume, reference: np.ndarray, synthetic: np.ndarray, spread: np.ndarray,

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from crossdiff import checkpoints
+from crossdiff.acceleration import Acceleration, BatchSizer, accelerated
 from crossdiff.data.cases import PreparationConfig, PreparedCase, family_of
 from crossdiff.data.slices import SliceConfig, context_slices, fit_slice, unfit_slice
+from crossdiff.diffusion.streams import ItemStreams
 from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.intensity import IntensityScaling, fit_scaling
 from crossdiff.masks import body_mask
@@ -318,12 +320,13 @@ def translate_volume(
     samples: int = 1,
     options: dict[str, Any] | None = None,
     mask: Volume | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     keep_samples: bool = False,
     match_spacing: bool = False,
     target: str | None = None,
+    acceleration: Acceleration | None = None,
 ) -> VolumeTranslation:
     """Translate a whole volume into `target` (default: the model's own); the result has `volume`'s exact geometry.
 
@@ -332,8 +335,13 @@ def translate_volume(
     training spacing is resampled for the network and the result resampled back; by default the
     network works on the input grid, unless the model was trained at a fixed working spacing
     (preparation 'spacing'), which every input is then resampled to. Outside `mask` the output is the
-    target's background (-1024 HU for CT) and slices without mask are not translated. The same seed gives the same result. A model
-    with several targets is told which one through the method option 'target'.
+    target's background (-1024 HU for CT) and slices without mask are not translated. A model with
+    several targets is told which one through the method option 'target'.
+
+    `batch_size` counts (slice, draw) items per network batch (None: chosen for the device);
+    `acceleration` sets precision, memory format and compilation (default: Acceleration()). The same
+    seed and precision give the same result whatever the batch size and, for each draw, whatever the
+    number of draws.
     """
     model = replace(model, spec=model.spec.for_target(target))
     options = {**(options or {}), **({"target": model.spec.target} if model.spec.other_targets else {})}
@@ -349,7 +357,7 @@ def translate_volume(
         model,
         turn.forward(scaling.apply(working.array)),
         None if region is None else turn.forward(region),
-        samples, options, batch_size, seed, progress,
+        samples, options, batch_size, acceleration or Acceleration(), seed, progress,
     )
     draws = turn.backward(draws, lead=1)
     if grid is not None:
@@ -391,36 +399,47 @@ def inference_slices(config: SliceConfig, plane: tuple[int, int]) -> SliceConfig
     return replace(config, size=tuple(size))
 
 
-@torch.no_grad()
 def _translate_array(
     model: LoadedModel,
     array: np.ndarray,
     region: np.ndarray | None,
     samples: int,
     options: dict[str, Any],
-    batch_size: int,
+    batch_size: int | None,
+    acceleration: Acceleration,
     seed: int,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[np.ndarray, int]:
-    """(samples, *array.shape) draws in [-1, 1]; slices outside `region` stay background (-1)."""
+    """(samples, *array.shape) draws in [-1, 1]; slices outside `region` stay background (-1).
+
+    Every (slice, draw) pair is one item with its own random stream, keyed by (seed, slice, draw);
+    items go through the method in batches sized for the device (slice by slice, so a slice's draws
+    finish together), each batch one `translate` call with one draw per row. The result depends on
+    neither the batch size nor the number of other draws."""
     config = model.spec.slices
     axis = config.axis
     plane = tuple(s for i, s in enumerate(array.shape) if i != axis)
     working = inference_slices(config, plane)  # type: ignore[arg-type]
     indices = [i for i in range(array.shape[axis]) if region is None or np.take(region, i, axis=axis).any()]
+    items = [(i, d) for i in indices for d in range(samples)]
     draws = np.full((samples, *array.shape), -1.0, dtype=np.float32)
     by_slice = np.moveaxis(draws, axis + 1, 1)  # a view: (samples, slice, h, w)
-    generator = torch.Generator(model.device).manual_seed(seed)
-    nfe = 0
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        stack = torch.from_numpy(np.stack([context_slices(array, i, config) for i in chunk]))
-        result = model.method.translate(fit_slice(stack, working).to(model.device), generator, samples=samples, **options)
-        planes = unfit_slice(result.samples[:, :, 0].float().cpu(), plane, working).numpy()  # type: ignore[arg-type]
-        by_slice[:, chunk] = planes
-        nfe = result.nfe
-        if progress is not None:
-            progress(start + len(chunk), len(indices))
+    sizer = BatchSizer(batch_size, model.device, working.size[0] * working.size[1])
+    nfe, done = 0, 0
+    with accelerated(model.method, model.device, acceleration):
+        while done < len(items):
+            chunk = items[done : done + sizer.batch]
+            padding = sizer.batch - len(chunk) if acceleration.compile else 0  # one shape for compiled networks
+            rows = torch.from_numpy(np.stack([context_slices(array, i, config) for i, _ in chunk + chunk[-1:] * padding]))
+            streams = ItemStreams(seed, chunk + chunk[-1:] * padding, model.device)
+            with sizer.measuring(len(rows)), streams.drawing():
+                result = model.method.translate(fit_slice(rows, working).to(model.device), streams, samples=1, **options)
+            planes = unfit_slice(result.samples[0, : len(chunk), 0].float().cpu(), plane, working).numpy()  # type: ignore[arg-type]
+            slices, draw = (list(index) for index in zip(*chunk, strict=True))
+            by_slice[draw, slices] = planes
+            nfe, done = result.nfe, done + len(chunk)
+            if progress is not None:
+                progress(done // samples, len(indices))
     return draws, nfe
 
 

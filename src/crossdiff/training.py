@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from crossdiff import checkpoints
 from crossdiff.atomic import write_text
+from crossdiff.diffusion.streams import stream_seed
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods.base import Method, StepContext
 
@@ -123,11 +124,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CrossdiffError("device 'cuda' was asked for, but no CUDA GPU is available (use --device cpu)")
     return device
-
-
-def stream_seed(*entropy: int) -> int:
-    """A 64-bit seed from a few integers, well mixed (SeedSequence) so nearby steps get unrelated streams."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0])
 
 
 # ------------------------------------------------------------------------------------ batch order

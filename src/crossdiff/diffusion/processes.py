@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from crossdiff.diffusion.streams import normal
 from crossdiff.errors import CrossdiffError
 
 SCHEDULES = ("linear", "cosine")
@@ -29,9 +30,8 @@ def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def standard_normal(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """N(0, I) shaped like `like`, drawn on the generator's device so a seed gives the same numbers
-    whatever device the images are on."""
-    noise = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
-    return noise.to(like.device)
+    whatever device the images are on (per batch row for crossdiff.diffusion.streams.ItemStreams)."""
+    return normal(like.shape, generator, like.dtype).to(like.device)
 
 
 class GaussianProcess(ABC):
@@ -77,8 +77,7 @@ class GaussianProcess(ABC):
 
     def prior_sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """x_1 ~ N(0, prior_std^2 I) on the generator's device (float32)."""
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return self.prior_std * noise
+        return self.prior_std * normal(shape, generator)
 
     def input_scale(self, t: torch.Tensor) -> torch.Tensor:
         """1 / sqrt(alpha^2 + sigma^2): brings x_t to about unit variance before the network (Karras et
@@ -108,13 +107,16 @@ class DiscreteVP(GaussianProcess):
         self.betas = beta_schedule(schedule, self.steps)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self._log_alpha_bar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(self.alphas_cumprod)])
+        self._tables: dict[torch.device, torch.Tensor] = {}  # the table per device: one copy, not one per call
         self.t_min = 1.0 / self.steps
         self.max_steps = self.steps
         self.resolution = 1.0 / self.steps
 
     def _segment(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Node log-alpha-bar values at both ends of t's segment, and t's fraction along it."""
-        table = self._log_alpha_bar.to(t.device)
+        table = self._tables.get(t.device)
+        if table is None:
+            table = self._tables[t.device] = self._log_alpha_bar.to(t.device)
         position = t.double().clamp(0.0, 1.0) * self.steps
         left = position.floor().clamp(max=self.steps - 1)
         index = left.long()

@@ -3,7 +3,9 @@ translation and their per-pixel standard deviation the uncertainty map (`Transla
 
 Draws of all slices are flattened into one list of (draw, slice) items and sampled `batch` items at
 a time, so memory stays bounded however many draws are asked for. All randomness comes from one
-generator consumed in a fixed order, so the same seed and settings give identical output.
+generator consumed in a fixed order, so the same seed and settings give identical output. The volume
+path (crossdiff.inference) instead hands every call one device batch of items with one random stream
+each (crossdiff.diffusion.streams): those rows are sampled as one batch, whatever `batch` says.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from crossdiff.diffusion.samplers import SampleResult
+from crossdiff.diffusion.streams import ItemStreams
 from crossdiff.errors import CrossdiffError
 
 # Samples target images for a chunk of source slices (one output per source row).
@@ -25,6 +28,11 @@ def monte_carlo(draw: Draw, source: torch.Tensor, samples: int, batch: int) -> S
     if samples < 1 or batch < 1:
         raise CrossdiffError(f"need samples >= 1 and batch >= 1, not {samples} and {batch}")
     slices = source.shape[0]
+    streams = ItemStreams.active()
+    if streams is not None:
+        if len(streams) != samples * slices:
+            raise CrossdiffError(f"{len(streams)} item streams for {samples} draw(s) of {slices} slice(s)")
+        batch = samples * slices  # the volume path sized this call for the device
     results = [draw(source[chunk % slices]) for chunk in torch.arange(samples * slices).split(batch)]
     x = torch.cat([result.x for result in results])
     return SampleResult(x.reshape(samples, slices, *x.shape[1:]), max(result.nfe for result in results))
