@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from heldout import HELD_OUT_CASE, brain_paired, sarcoma_split
-from helpers import SAMPLE, train_straight_and_killed
+from helpers import SAMPLE, assert_loads_its_ema_weights, train_straight_and_killed
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -97,10 +97,7 @@ def test_train_save_load_and_translate_a_volume(tmp_path, case, sample_run, name
     train(tiny(name, teacher=teacher), PairedSliceDataset([case], "mr", "ct", SLICES, augment=True), None,
           TrainConfig(steps=2, batch_size=4, log_every=1, device="cpu"), tmp_path / "run", extra_config=sections(case))
     model = load_model(tmp_path / "run", "cpu")
-    saved = checkpoints.split_prefix(load_file(tmp_path / "run/checkpoints/step-0000002/model.safetensors"), "ema")
-    for module, network in model.method.modules().items():
-        for key, value in network.state_dict().items():
-            assert torch.equal(value, saved[module][key]), (module, key)
+    assert_loads_its_ema_weights(tmp_path / "run", 2, model.method)
     mr = read_volume(SAMPLE / "mr.nii.gz")
     draws = 2 if model.method.stochastic else 1
     result = translate_volume(model, mr, samples=draws, seed=3)

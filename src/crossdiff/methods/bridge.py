@@ -34,7 +34,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, SingleLossMethod, Translation
-from crossdiff.methods.unet import adamw, checked_settings
+from crossdiff.methods.unet import SAMPLED_DEFAULTS, adamw, checked_settings
 from crossdiff.nets.denoiser import DENOISER_DEFAULTS, build_denoiser
 
 BRIDGE_DEFAULTS: dict[str, Any] = {
@@ -44,11 +44,7 @@ BRIDGE_DEFAULTS: dict[str, Any] = {
     "recursions": 1,  # > 1: SelfRDB's self-consistent recursion per step (it uses up to 5)
     "steps": 10,  # SelfRDB's number of steps
     "eta": 1.0,  # 1: posterior sampling (stochastic); 0: deterministic steps
-    "masked_loss": False,
-    "lr": 2e-4,
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "batch": 16,  # slice-draws sampled at once
+    **SAMPLED_DEFAULTS,
 }
 
 

@@ -36,7 +36,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, Method, SingleLossMethod, StepContext, Translation
-from crossdiff.methods.unet import adamw, checked_settings
+from crossdiff.methods.unet import SAMPLED_DEFAULTS, adamw, checked_settings
 from crossdiff.nets.denoiser import build_denoiser
 
 DISTILL_DEFAULTS: dict[str, Any] = {
@@ -45,11 +45,7 @@ DISTILL_DEFAULTS: dict[str, Any] = {
     "steps": 4,  # the final student's steps (= NFE)
     "rounds": 3,  # halvings: the first student takes steps x 2^(rounds - 1), taught by the teacher at twice that
     "round_steps": 500,  # training steps per round
-    "masked_loss": False,
-    "lr": 2e-4,  # cddpm's rate (Salimans & Ho: 1e-4 with far longer rounds)
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "batch": 16,  # slice-draws sampled at once
+    **SAMPLED_DEFAULTS,  # lr 2e-4, cddpm's rate (Salimans & Ho: 1e-4 with far longer rounds)
 }
 
 

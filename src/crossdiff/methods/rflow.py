@@ -25,7 +25,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, SingleLossMethod, Translation
-from crossdiff.methods.unet import adamw, checked_settings
+from crossdiff.methods.unet import SAMPLED_DEFAULTS, adamw, checked_settings
 from crossdiff.nets.denoiser import DENOISER_DEFAULTS, build_denoiser
 
 TIME_SAMPLING = ("uniform", "logit-normal")
@@ -37,11 +37,7 @@ RFLOW_DEFAULTS: dict[str, Any] = {
     "scale": 1.0,
     "sampler": "euler",  # or 'heun'
     "steps": 10,
-    "masked_loss": False,
-    "lr": 2e-4,
-    "weight_decay": 0.0,
-    "betas": [0.9, 0.999],
-    "batch": 16,  # slice-draws sampled at once
+    **SAMPLED_DEFAULTS,
 }
 
 
