@@ -316,6 +316,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (overrides the config).")] = None,
     stage: Annotated[Optional[str], typer.Option(help="cldm: autoencoder (stage 1) or diffusion (stage 2, the default).")] = None,
     autoencoder: Annotated[Optional[Path], typer.Option(help="cldm stage 2: the stage-1 run or checkpoint to build on.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder of prepared cases to share between runs (default: RUN/cache).")] = None,
 ) -> None:
     """Train a method on the manifest's train split, validating on its val split (else on a training case
     carved out, or with few cases on the training cases; never on test cases).
@@ -354,12 +355,13 @@ def train(
         source_ids, target_ids, val_ids, note = _unpaired_split(loaded, source, target, training.seed)
         train_ids = source_ids + target_ids
     err_console.print(f"validation: {note}", highlight=False, soft_wrap=True)
-    with progress("preparing cases", total=len(train_ids) + len(val_ids)) as (bar, task):
-        cases = prepare_cases(
-            ((cid, loaded.cases[cid]) for cid in train_ids + val_ids), preparation, out / "cache",
+    with progress("preparing cases", total=len(set(train_ids + val_ids))) as (bar, task):
+        unique = list(dict.fromkeys(train_ids + val_ids))  # validation may run on the training cases themselves
+        prepared = dict(zip(unique, prepare_cases(
+            ((cid, loaded.cases[cid]) for cid in unique), preparation, cache or out / "cache",
             on_case=lambda _: bar.advance(task),
-        )
-    train_cases, val_cases = cases[: len(train_ids)], cases[len(train_ids) :]
+        )))
+    train_cases, val_cases = [prepared[cid] for cid in train_ids], [prepared[cid] for cid in val_ids]
     if staged:
         train_set, val_set = stage_datasets(settings["method"], train_cases, val_cases, source, slices)
         spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)
@@ -375,7 +377,8 @@ def train(
                            target=target, target_scaling=target_scaling)
         val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
     seed_everything(training.seed)
-    data = DataSpec(slices.channels, 1, slices.size)
+    patch = slices.crop if slices.crop is not None and cls.patch_training else slices.size
+    data = DataSpec(slices.channels, 1, patch)  # the size of the training images: patches when it trains on them
     if autoencoder is not None:
         model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
     else:
@@ -779,6 +782,8 @@ def benchmark(
     config: Annotated[Path, typer.Option(help="Benchmark YAML (see benchmarks/configs/).")],
     quick: Annotated[bool, typer.Option("--quick", metavar="", help="Apply the config's 'quick' overrides (a run of minutes).")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default: crossdiff-runs/benchmark-<config name>[-quick]).")] = None,
+    folds: Annotated[Optional[str], typer.Option(help="Only these folds, comma-separated (e.g. fold1,fold2): "
+                                                      "parallel runs into one --out; a run without it reuses them.")] = None,
 ) -> None:
     """Train every listed method on one split with one budget, translate the held-out cases, score and report.
 
@@ -790,7 +795,9 @@ def benchmark(
 
     settings = load_benchmark_config(config, quick=quick)
     out = out or Path("crossdiff-runs") / f"benchmark-{config.stem}{'-quick' if quick else ''}"
-    results = run_benchmarks(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True))
+    only = [name.strip() for name in folds.split(",") if name.strip()] if folds else None
+    results = run_benchmarks(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True),
+                             only=only)
     for result in results:
         files = write_benchmark_report(result)
         out_console.print(benchmark_table(result))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
+from skimage.morphology import convex_hull_image
 
 from crossdiff.errors import InputError
 from crossdiff.units import DISPLAY, HU, SUV
@@ -25,7 +26,11 @@ PET_THRESHOLD_SUV = 0.2
 # A display-windowed CT (8-bit export) shows air as 0 (below every window in use) with noise of a few
 # grey levels (up to ~3 on the paired PNG set), fat at 15-60 in a soft-tissue window: 8 separates them.
 # Otsu would cut the dark fat out of the body (paired PNG Patient_12: Dice 0.82 against the MR's mask).
+# A brain window (W80 L40) shows fat, air cells and sinuses as 0 too, so the head falls apart into
+# pieces open to the outside that hole filling cannot close, and the thin skin line around them does not
+# survive an opening; such a CT's body is the convex hull of its parts in each slice (a head's outline).
 CT_DISPLAY_AIR_ABOVE = 8.0
+DISPLAY_SPECK_FRACTION = 0.005
 # MR threshold floor as a fraction of the plain Otsu level; see `mr_foreground`.
 MR_OTSU_FRACTION = 0.25
 # Closing radius in millimetres: bridges the thin skin line gaps thresholding leaves.
@@ -60,13 +65,26 @@ def body_mask(
     else:
         foreground = mr_foreground(array, mr_otsu_fraction)
     spacing = volume.geometry.spacing
-    if volume.planar:  # stacked 2-D images: each slice is its own picture, a body in each
+    if volume.modality == "CT" and volume.units == DISPLAY:
+        mask = np.stack([_display_outline(plane) for plane in foreground])
+    elif volume.planar:  # stacked 2-D images: each slice is its own picture, a body in each
         mask = np.stack([clean_mask(plane[None], spacing, closing_mm, opening_mm)[0] for plane in foreground])
     else:
         mask = clean_mask(foreground, spacing, closing_mm, opening_mm)
     if not mask.any():
         raise InputError(volume.path, f"no body found: the automatic {volume.modality or 'MR'} body mask is empty")
     return volume.with_array(mask.astype(np.uint8), modality="mask", units=None)
+
+
+def _display_outline(plane: np.ndarray) -> np.ndarray:
+    """The convex hull of a windowed CT slice's foreground parts (specks under 0.5% of the slice dropped)."""
+    labels, count = ndi.label(plane)
+    if count == 0:
+        return plane
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    kept = np.isin(labels, np.flatnonzero(sizes >= DISPLAY_SPECK_FRACTION * plane.size))
+    return convex_hull_image(kept) if kept.any() else kept
 
 
 def mr_foreground(array: np.ndarray, otsu_fraction: float = MR_OTSU_FRACTION) -> np.ndarray:

@@ -464,7 +464,9 @@ class _Log:
 
 
 class _Running:
-    """Mean of the logged losses since the last log line, and the step rate."""
+    """Mean of the logged losses since the last log line, and the step rate per wall second and per
+    second of this process's CPU time (which another process on the same cores does not slow down: what
+    an equal compute budget is measured in, crossdiff.evaluation.benchmark)."""
 
     def __init__(self) -> None:
         self._reset()
@@ -473,17 +475,19 @@ class _Running:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.since = time.perf_counter()
+        self.cpu_since = time.process_time()
 
     def add(self, losses: dict[str, float]) -> None:
         for key, value in losses.items():
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
         self.count += 1
 
-    def take(self) -> tuple[dict[str, float], float]:
+    def take(self) -> tuple[dict[str, float], dict[str, float]]:
         means = {key: value / max(self.count, 1) for key, value in self.sums.items()}
-        rate = self.count / max(time.perf_counter() - self.since, 1e-9)
+        rates = {"steps_per_s": self.count / max(time.perf_counter() - self.since, 1e-9),
+                 "steps_per_cpu_s": self.count / max(time.process_time() - self.cpu_since, 1e-9)}
         self._reset()
-        return means, rate
+        return means, rates
 
 
 def _progress(console: Console, enabled: bool) -> Progress:
@@ -568,10 +572,11 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
                 running.add(method.training_step(_to_device(next(batches), device), context))
             last = step == config.steps
             if step % config.log_every == 0 or last:
-                means, rate = running.take()
+                means, rates = running.take()
                 losses = _mean_over_ranks(means, world, device)
-                log.write({"step": step, **losses, "steps_per_s": rate})
-                bar.update(task, info="  ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"  {rate:.1f} steps/s")
+                log.write({"step": step, **losses, **rates})
+                bar.update(task, info="  ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                           + f"  {rates['steps_per_s']:.1f} steps/s")
             if val_set is not None and config.validate and world.main and (step % config.val_every == 0 or last):
                 with inference_modules(method, state.ema.modules):
                     history.append({"step": step, **validate(method, val_set, config, device)})

@@ -242,9 +242,7 @@ def _parse_reading(path: Path, section: Any) -> dict[str, Reading]:
         where = f"modalities.{key}"
         if not isinstance(settings, dict):
             raise InputError(path, f"{where}: expected an object like {{\"units\": \"HU\"}}, got {settings!r}")
-        unknown = sorted(set(settings) - set(READING_FIELDS))
-        if unknown:
-            raise InputError(path, f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(READING_FIELDS)}")
+        _refuse_unknown(path, where, settings, READING_FIELDS)
         if any(not isinstance(value, str) for value in settings.values()):
             raise InputError(path, f"{where}: every setting must be a string")
         try:
@@ -320,13 +318,17 @@ def _parse_cases(path: Path, records: dict[str, Any], folder: Path) -> dict[str,
     return {cid: _parse_case(path, cid, record, folder) for cid, record in records.items()}
 
 
+def _refuse_unknown(path: Path, where: str, record: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(record) - set(allowed))
+    if unknown:
+        raise InputError(path, f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+
 def _parse_case(path: Path, cid: str, record: Any, folder: Path) -> CaseEntry:
     where = f"case {cid!r}"
     if not isinstance(record, dict):
         raise InputError(path, f"{where}: expected an object with 'split' and 'images', got {type(record).__name__}")
-    unknown = sorted(set(record) - set(CASE_FIELDS))
-    if unknown:
-        raise InputError(path, f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(CASE_FIELDS)}")
+    _refuse_unknown(path, where, record, CASE_FIELDS)
     if "images" not in record:
         raise InputError(path, f"{where}: missing 'images' (a mapping from modality to file)")
     split = record.get("split")

@@ -100,23 +100,30 @@ class BenchmarkResult:
         return self.scale.hounsfield
 
 
-def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> list[BenchmarkResult]:
-    """One result per target of the config: OUT itself for one target, OUT/TARGET for several."""
+def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
+                   only: list[str] | None = None) -> list[BenchmarkResult]:
+    """One result per target of the config: OUT itself for one target, OUT/TARGET for several. `only` runs just
+    those folds (e.g. two processes sharing one OUT, each on its own folds); a later run without it reuses them."""
     if len(config.targets) == 1:
-        return [run_benchmark(config, out, log)]
-    return [run_benchmark(config.for_target(target), out / target, log, shared=out) for target in config.targets]
+        return [run_benchmark(config, out, log, only=only)]
+    return [run_benchmark(config.for_target(target), out / target, log, shared=out, only=only) for target in config.targets]
 
 
 def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
-                  shared: Path | None = None) -> BenchmarkResult:
+                  shared: Path | None = None, only: list[str] | None = None) -> BenchmarkResult:
     """Train, translate and score every (fold, method, held-out case) for config.target, reusing what a
     previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
     manifest = _dataset(config)
     folds = _folds(config, manifest)
-    if config.budget["train_seconds"] is not None:
-        first = next(iter(folds.values()))
-        config = _budgeted(config, _fold_manifest(manifest, first, out / "folds" / next(iter(folds)) / "manifest.json"),
+    if config.budget["train_seconds"] is not None:  # timed on the first fold, whichever folds this run does
+        first = next(iter(folds))
+        config = _budgeted(config, _fold_manifest(manifest, folds[first], out / "folds" / first / "manifest.json"),
                            shared or out, log)
+    if only:
+        unknown = sorted(set(only) - set(folds))
+        if unknown:
+            raise CrossdiffError(f"no fold {', '.join(unknown)}; the folds are {', '.join(folds)}")
+        folds = {name: cases for name, cases in folds.items() if name in only}
     device = resolve_device(config.train["training"].get("device"))
     runs, methods = [], {}
     scale, planar = HU_SCALE, False
@@ -126,25 +133,72 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             every_target = get_method(entry.method).multi_target
             home = (shared or out) if every_target else out
             run_dir = home / "runs" / fold / entry.name
-            train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target)
-            model = load_model(run_dir, device)
-            info = methods.setdefault(
-                entry.name, MethodInfo(entry.name, entry.method, model.method.stochastic, parameter_count(model.method))
-            )
-            per_step = training_seconds_per_step(run_dir)
+            train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target, (shared or out) / "cache")
+            saved = _saved_runs(config, entry, fold, held_out, run_dir, out)
+            model = None if saved is not None else load_model(run_dir, device)
+            summary = _model_summary(run_dir, model, config.target)
+            info = methods.setdefault(entry.name, MethodInfo(entry.name, entry.method, summary["stochastic"],
+                                                             summary["parameters"]))
+            per_step = summary["seconds_per_step"]
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
-            scale = scale_for(family_of(config.target), model.spec.for_target(config.target).target_scaling.units)
+            scale, planar = scale_for(family_of(config.target), summary["target_units"]), bool(summary["planar"])
+            if saved is not None:
+                log(f"reusing the scored translations of {entry.name} in {fold}")
+                runs += saved
+                continue
+            assert model is not None
+            scoring = Scoring(config.evaluation["metrics"], scale, planar)
             for index, case_id in enumerate(held_out):
                 case = _held_out_case(config, manifest, case_id, model, out)
-                planar = case.reference.planar
-                scoring = Scoring(config.evaluation["metrics"], scale, planar)
                 with_noise = index == 0 and bool(config.evaluation["noise_levels"])
                 run = _case_run(config, entry.name, fold, case, model, out, with_noise, scoring, log)
                 if index == 0 and entry.timing:
                     run = replace(run, timing=_timing(config, entry, case, model, out, log))
                 runs.append(run)
     return BenchmarkResult(config, out, folds, runs, methods, scale, planar)
+
+
+MODEL_SUMMARY = "benchmark-model.json"
+
+
+def _model_summary(run_dir: Path, model: LoadedModel | None, target: str) -> dict[str, Any]:
+    """What the report needs of a trained model (kept in RUN/benchmark-model.json), so a benchmark whose
+    translations are all scored can be finished from its records alone, e.g. in a fresh checkout that
+    holds the committed records but no checkpoints."""
+    path = run_dir / MODEL_SUMMARY
+    if model is None:
+        return json.loads(path.read_text(encoding="utf-8"))
+    summary = {"stochastic": model.method.stochastic, "parameters": parameter_count(model.method),
+               "seconds_per_step": training_seconds_per_step(run_dir),
+               "target_units": model.spec.for_target(target).target_scaling.units, "planar": model.spec.planar}
+    write_json(path, summary)
+    return summary
+
+
+def _saved_runs(config: BenchmarkConfig, entry: MethodEntry, fold: str, held_out: list[str], run_dir: Path,
+                out: Path) -> list[CaseRun] | None:
+    """Every held-out case's run of this method and fold from its records, or None if any record (or the model
+    summary) is missing."""
+    records = out / "records" / entry.name
+    noise = bool(config.evaluation["noise_levels"])
+    needed = [run_dir / MODEL_SUMMARY, *(records / f"{case}.json" for case in held_out)]
+    needed += [records / f"{held_out[0]}.noise.json"] if noise else []
+    needed += [records / f"{held_out[0]}.timing.json"] if entry.timing else []
+    if not all(path.is_file() for path in needed):
+        return None
+
+    def read(path: Path) -> Any:
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    runs = []
+    for index, case in enumerate(held_out):
+        saved = read(records / f"{case}.json")
+        run = CaseRun(entry.name, fold, case, saved["metrics"], saved["slices"], saved["cost"], saved["variability"],
+                      read(records / f"{case}.noise.json") if index == 0 and noise else None,
+                      read(records / f"{case}.timing.json") if index == 0 and entry.timing else None)
+        runs.append(run)
+    return runs
 
 
 # --------------------------------------------------------------------------------------- data, folds
@@ -195,10 +249,11 @@ def _fold_manifest(manifest: Manifest, held_out: list[str], path: Path) -> Path:
 
 def _train(
     config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, log: Callable[[str], None],
-    every_target: bool = False,
+    every_target: bool = False, cache: Path | None = None,
 ) -> float | None:
     """Train a method's stages one after the other (the last one in run_dir, earlier ones in
-    run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage)."""
+    run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage).
+    `cache` holds the prepared cases every run of the benchmark shares (default: each run its own)."""
     stages = get_method(entry.method).training_stages
     targets = ",".join(config.targets if every_target else [config.target])
     sections = config.train_sections(entry)
@@ -208,7 +263,7 @@ def _train(
         stage_dir = run_dir if stage is None or stage == stages[-1] else run_dir / stage
         options = ["--target", targets] + ([] if stage is None else ["--stage", stage])
         seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), sections, manifest, stage_dir,
-                               options, previous, log)
+                               options + (["--cache", str(cache)] if cache is not None else []), previous, log)
         total = None if total is None or seconds is None else total + seconds
         previous = stage_dir
     return total
@@ -240,26 +295,32 @@ def _train_stage(
 
 
 def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[[str], None]) -> BenchmarkConfig:
-    """Every method gets the same training wall time: its steps = budget x its own steps per second, measured
-    once on `calibration_steps` steps of the first fold (in OUT/budget/, reused by later runs) and recorded,
-    so a rerun trains exactly the same steps. The rate is the last logged one (after warm-up)."""
+    """Every method gets the same training time: its steps = budget x its own steps per second of CPU time,
+    measured once on `calibration_steps` steps of the first fold (in OUT/budget/, reused by later runs) and
+    recorded, so a rerun trains exactly the same steps. CPU time, because wall time on a shared machine
+    depends on what else runs during the few calibration steps; with one thread (OMP_NUM_THREADS=1) a CPU
+    second is a wall second of the same machine alone. The rate is the last logged one (after warm-up)."""
     seconds, calibration = float(config.budget["train_seconds"]), int(config.budget["calibration_steps"])
     entries = []
     for entry in config.methods:
+        if "steps" in entry.train.get("training", {}):  # the entry says its own steps (e.g. a staged method)
+            entries.append(entry)
+            continue
         if get_method(entry.method).training_stages:
             raise InputError(config.path, f"a time budget cannot be split over {entry.method}'s training stages; "
                                           "give it steps in its own 'train' section instead")
         record = out / "budget" / f"{entry.name}.json"
         if not record.is_file():
-            write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration, log))
-        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_s"])
+            write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration,
+                                          out / "cache", log))
+        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_cpu_s"])
         steps = max(1, int(seconds * rate))
-        log(f"budget: {entry.name} runs {rate:.3g} steps/s: {steps} steps in {seconds:g} s")
+        log(f"budget: {entry.name} runs {rate:.3g} steps per CPU second: {steps} steps in {seconds:g} s")
         entries.append(replace(entry, train=_merge_sections(entry.train, {"training": {"steps": steps}})))
     return replace(config, methods=entries)
 
 
-def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, steps: int,
+def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, steps: int, cache: Path,
                log: Callable[[str], None]) -> dict[str, Any]:
     """Train `steps` steps in a throw-away run and read the steps per second of its last log interval."""
     import shutil
@@ -270,12 +331,13 @@ def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_
     settings = run_dir / TRAIN_CONFIG
     write_text(settings, yaml.safe_dump({"method": entry.config, **sections}, sort_keys=True))
     log(f"budget: timing {entry.name} on {steps} steps")
-    run = train_with_command(entry.method, manifest, run_dir, settings, ["--source", config.source, "--target", config.target])
-    rates = [row["steps_per_s"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-             if "steps_per_s" in row]
-    if not rates:
+    run = train_with_command(entry.method, manifest, run_dir, settings,
+                             ["--source", config.source, "--target", config.target, "--cache", str(cache)])
+    rows = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "steps_per_cpu_s" in row]
+    if not rows:
         raise CrossdiffError(f"timing {entry.name} in {run_dir} logged no speed")
-    return {"steps_per_s": rates[-1], "calibration_steps": steps, "command": run.command}
+    return {"steps_per_cpu_s": rows[-1]["steps_per_cpu_s"], "steps_per_s": rows[-1]["steps_per_s"],
+            "calibration_steps": steps, "command": run.command}
 
 
 def _merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
