@@ -166,12 +166,13 @@ class DistilledDiffusion(SingleLossMethod):
         self, source: torch.Tensor, generator: torch.Generator, samples: int = 1, *, steps: int | None = None,
         teacher: bool = False, batch: int | None = None, **options: Any,
     ) -> Translation:
-        """`samples` draws per slice in `steps` DDIM steps (default: the final student's). `teacher` samples
-        with the frozen teacher instead (for comparisons: after training it is the last round's teacher)."""
+        """`samples` draws per slice in `steps` DDIM steps (default: those of the last round training reached,
+        the config's `steps` once every round has run). `teacher` samples with the frozen teacher instead (for
+        comparisons: after training it is the last round's teacher)."""
         if options:
             raise CrossdiffError(f"cddpm-distill takes the translation options steps, teacher and batch, not "
                                  f"{', '.join(sorted(options))}")
-        steps = int(self.config["steps"] if steps is None else steps)
+        steps = self.student_steps(int(self.round.index)) if steps is None else int(steps)
         network = self.teacher if teacher else self.net
         shape = (self.data.target_channels, *source.shape[-2:])
 

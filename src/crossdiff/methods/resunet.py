@@ -10,7 +10,8 @@ What it takes from nnU-Net (Isensee et al. 2021; v2's residual-encoder presets, 
 - patch training: use `slices: {crop: [h, w]}` (random patches centred on the body; validation and
   translation see whole slices) and sliding-window inference over the whole slice with Gaussian
   weighting (MONAI `SlidingWindowInferer(mode="gaussian")`, nnU-Net's sigma of 1/8 of the window and
-  half-window overlap), `window` set to the training patch;
+  half-window overlap), the window the training patch (the data size the method is built for) unless
+  `window` says otherwise;
 - heavy augmentation: the slice dataset's flips, rotation and scaling (nnU-Net rotates up to 180 degrees
   and scales 0.7-1.4: set `slices: {rotation: ..., scale: [...]}`), plus nnU-Net's intensity
   augmentations of the input (crossdiff.data.intensity_augmentation);
@@ -55,7 +56,7 @@ RESUNET_DEFAULTS: dict[str, Any] = {
     "deep_supervision": 2,  # lower-resolution decoder outputs also supervised (0: off); fewer than levels - 1
     "intensity_augmentation": True,
     "ssim_weight": 0.5,
-    "window": None,  # sliding-window size [h, w] for translation, the training crop; None: the whole slice at once
+    "window": None,  # sliding-window size [h, w] for translation; None: the training images' size (the patch)
     "overlap": 0.5,
     "window_batch": 8,  # windows run through the network at once
     "mirror": ["h"],  # test-time mirroring: the flips to average over ([] for none)
@@ -135,10 +136,8 @@ class ResUNetMethod(RegressionMethod):
         return output[:, 0] if output.dim() == source.dim() + 1 else output
 
     def _whole(self, source: torch.Tensor) -> torch.Tensor:
-        """One prediction per slice: windows with Gaussian weights, or the whole slice at once."""
-        window = self.config["window"]
-        if window is None:
-            return self._full_resolution(source)
+        """One prediction per slice from Gaussian-weighted windows (one window when the slice is no larger)."""
+        window = self.config["window"] or self.data.size
         inferer = SlidingWindowInferer(
             roi_size=[int(s) for s in window], sw_batch_size=int(self.config["window_batch"]),
             overlap=float(self.config["overlap"]), mode="gaussian", sigma_scale=0.125, padding_mode="constant", cval=-1.0,
