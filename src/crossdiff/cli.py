@@ -338,6 +338,8 @@ def train(
     staged = bool(cls.training_stages)  # cldm: an autoencoder, then diffusion in its latent space
     targets = _targets(cls, target, stage, autoencoder, resume)
     settings = _run_settings(out, config, resume, source, targets)
+    if config is not None:
+        settings["method"] = cls.with_paths_from(settings["method"], config.parent)
     if staged:
         settings["method"] |= {"targets": targets, **({"stage": stage} if stage else {})}
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "device": device}.items() if v is not None}

@@ -17,7 +17,6 @@ from abc import abstractmethod
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from crossdiff.diffusion.predictions import check_prediction, diffusion_loss, prediction_target, to_x0_eps
 from crossdiff.diffusion.processes import VESDE, VPSDE, DiscreteVP, GaussianProcess, per_sample, standard_normal
@@ -25,7 +24,7 @@ from crossdiff.diffusion.samplers import Denoise, SampleResult, check_options, s
 from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
-from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
+from crossdiff.methods.base import DataSpec, SingleLossMethod, Translation
 from crossdiff.nets.denoiser import DENOISER_DEFAULTS, build_denoiser
 
 SDES = ("vp", "ve")
@@ -57,7 +56,7 @@ def sampling_settings(
         options = {**config["sampler_options"], **options}
     return name, int(config["steps"] if steps is None else steps), options
 
-class _ConditionalDiffusion(Method):
+class _ConditionalDiffusion(SingleLossMethod):
     """What both diffusion methods share: the denoiser, the loss, and sampling with Monte-Carlo draws.
     Subclasses give their extra defaults and build their process."""
 
@@ -81,13 +80,7 @@ class _ConditionalDiffusion(Method):
     def build_process(self) -> GaussianProcess:
         """The process this method noises with, from its config."""
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
-
-    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
-        return {"model": (self.optimizer, ["net"])}
-
-    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Noise the target at random times and score the prediction (Ho et al. 2020, Algorithm 1)."""
         x0, source = batch["target"], batch["source"]
         t = self.process.sample_time(x0.shape[0], generator).to(x0.device)
@@ -101,16 +94,6 @@ class _ConditionalDiffusion(Method):
     def _network(self, x_t: torch.Tensor, source: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         scale = per_sample(self.process.input_scale(t), x_t)
         return self.net(x_t * scale, source, self.process.network_time(t))
-
-    def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
-        loss = self._loss(batch, context.generator)
-        context.optimize("model", loss)
-        return {"loss": float(loss.detach())}
-
-    @torch.no_grad()
-    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> float:
-        """The training loss on held-out slices: one network call, where a translation costs `steps`."""
-        return float(self._loss(batch, generator))
 
     def denoiser(self, source: torch.Tensor) -> Denoise:
         """The network as samplers see it, x_t, t -> (x0_hat, eps_hat), conditioned on `source`."""

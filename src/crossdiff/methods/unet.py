@@ -24,6 +24,9 @@ from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
 
 OUTPUTS = ("tanh", "clamp")
 OPTIMISER_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999]}
+# what the bridge, flow and distilled-diffusion methods share: AdamW without weight decay (as DDPM and score_sde
+# train), learning inside the body mask only or not, and how many slice-draws are sampled at once
+SAMPLED_DEFAULTS: dict[str, Any] = {**OPTIMISER_DEFAULTS, "weight_decay": 0.0, "masked_loss": False, "batch": 16}
 REGRESSION_DEFAULTS: dict[str, Any] = {
     # 'clamp': a linear output clamped to [-1, 1] at inference only; 'tanh' saturates where most of the target
     # sits at -1 (skull-stripped brain T2: the default tanh UNet collapsed to the floor, std 0.0; clamp learnt)
