@@ -313,9 +313,12 @@ def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[
         if not record.is_file():
             write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration,
                                           out / "cache", log))
-        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_cpu_s"])
+        measured = json.loads(record.read_text(encoding="utf-8"))
+        unit = "steps_per_s" if measured.get("device", "cpu") == "cuda" else "steps_per_cpu_s"
+        rate = float(measured[unit])
         steps = max(1, int(seconds * rate))
-        log(f"budget: {entry.name} runs {rate:.3g} steps per CPU second: {steps} steps in {seconds:g} s")
+        log(f"budget: {entry.name} runs {rate:.3g} steps per {'second' if unit == 'steps_per_s' else 'CPU second'}: "
+            f"{steps} steps in {seconds:g} s")
         entries.append(replace(entry, train=_merge_sections(entry.train, {"training": {"steps": steps}})))
     return replace(config, methods=entries)
 
@@ -336,7 +339,8 @@ def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_
     rows = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "steps_per_cpu_s" in row]
     if not rows:
         raise CrossdiffError(f"timing {entry.name} in {run_dir} logged no speed")
-    return {"steps_per_cpu_s": rows[-1]["steps_per_cpu_s"], "steps_per_s": rows[-1]["steps_per_s"],
+    device = resolve_device(sections["training"].get("device")).type
+    return {"steps_per_cpu_s": rows[-1]["steps_per_cpu_s"], "steps_per_s": rows[-1]["steps_per_s"], "device": device,
             "calibration_steps": steps, "command": run.command}
 
 

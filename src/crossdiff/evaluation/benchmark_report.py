@@ -184,7 +184,8 @@ def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[st
     runs = result.runs
     structural = next(m for m in ("ssim", "ssim_2d", "ms_ssim") if m in runs[0].metrics)
     units = "HU" if result.hounsfield else "normalised"
-    drawn = {"panels": (_panels(result, names, folder / "panels.png"), _panel_caption(result, runs[0].case))}
+    panels = _panels(result, names, folder / "panels.png")
+    drawn = {} if panels is None else {"panels": (panels, _panel_caption(result, _panel_case(result, names)))}
     box = {m: {n: [r.metrics[m] for r in runs if r.method == n] for n in names} for m in ("mae", "psnr", structural)}
     box["mae per slice"] = {n: [row["mae"] for r in runs if r.method == n for row in r.slices] for n in names}
     drawn["box"] = (figures.box_plots(folder / "metrics.png", box), f"Metrics per held-out case (MAE per slice last; {units})")
@@ -209,9 +210,15 @@ def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[st
     return drawn
 
 
-def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
-    case = result.runs[0].case
+def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path | None:
+    """The central slice of the first held-out case whose every translation this checkout holds (None when
+    none does: a report finished from committed records)."""
     cases = result.out / "cases"
+    drawn = [r.case for r in result.runs if (cases / "source" / f"{r.case}.nii.gz").is_file()
+             and all((result.out / "translations" / n / f"{r.case}.nii.gz").is_file() for n in names)]
+    if not drawn:
+        return None
+    case = drawn[0]
     source = read_volume(cases / "source" / f"{case}.nii.gz").array
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
     middle = reference.shape[0] // 2
@@ -228,6 +235,11 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
     error_max = 300.0 if result.hounsfield else float(window[1] - window[0]) / 2
     return figures.comparison_panels(path, source[middle], reference.array[middle], predictions, uncertainty, mask,
                                      window=window, error_max=error_max, aspect=spacing[1] / spacing[0])
+
+
+def _panel_case(result: BenchmarkResult, names: list[str]) -> str:
+    return next(r.case for r in result.runs
+                if all((result.out / "translations" / n / f"{r.case}.nii.gz").is_file() for n in names))
 
 
 def _panel_caption(result: BenchmarkResult, case: str) -> str:
@@ -267,7 +279,8 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
     test_note = (f"Paired two-sided Wilcoxon signed-rank tests. {over_cases}; tests over slices treat the slices of one "
                  "patient as independent, which they are not: read them as descriptive.")
     sections = [
-        Section("Results", "Mean ± SD over the held-out cases.", [Table.from_records(overview)], [drawn["panels"], drawn["box"]]),
+        Section("Results", "Mean ± SD over the held-out cases.", [Table.from_records(overview)],
+                [drawn[key] for key in ("panels", "box") if key in drawn]),
         *_group_sections(result, names, metrics),
         Section("Per case", "", [Table.from_records(tables["results.csv"])]),
         Section("Statistical tests", test_note + " " + _best_note(tables["tests.csv"], overview),
