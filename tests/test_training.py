@@ -62,9 +62,12 @@ def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors") | load_file(folder / "training.safetensors")
 
 
+TIMINGS = {"steps_per_s", "steps_per_cpu_s"}
+
+
 def losses(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
 
 
 def test_seeded_batches_depend_only_on_seed_and_epoch_and_shard_exactly():
