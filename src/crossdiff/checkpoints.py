@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from crossdiff.atomic import atomic_directory, check_writable, fsync_folder, remove_stale, write_json, write_text
-from crossdiff.config_schema import check_section, read_json, read_yaml
+from crossdiff.config_schema import check_section, check_value, read_json, read_yaml
 from crossdiff.errors import CrossdiffError, InputError, error_summary
 from crossdiff.file_checks import file_status, is_regular_file
 
@@ -229,11 +229,33 @@ def optimizer_state(name: str, optimizer: torch.optim.Optimizer) -> tuple[Tensor
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, name: str, tensors: Tensors, plain: dict[str, Any]
 ) -> None:
+    """Restore a state saved by `optimizer_state`, after checking that it fits `optimizer`: torch takes
+    any param_groups (a missing 'betas' surfaces only as a KeyError at the next step) and any tensor shapes."""
     state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in plain["state"].items()}
     for rest, value in split_prefix(tensors, "optimizer").get(name, {}).items():
         param_id, key = rest.split("/", 1)
         state.setdefault(int(param_id), {})[key] = value
+    _check_optimizer_fit(optimizer, name, plain["param_groups"], state)
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def _check_optimizer_fit(optimizer: torch.optim.Optimizer, name: str, groups: Any, state: dict[int, dict[str, Any]]) -> None:
+    current = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(current):
+        raise ValueError(f"optimizer {name}: {len(current)} parameter group(s) expected")
+    for index, (saved, live) in enumerate(zip(groups, current)):
+        if not isinstance(saved, dict) or set(saved) != set(live) or len(saved["params"]) != len(live["params"]):
+            raise ValueError(f"optimizer {name}: parameter group {index} has other settings or parameters than this run's")
+        for key, value in saved.items():
+            check_value(f"optimizers.{name}.param_groups[{index}].{key}", value, live[key])
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    for param_id, entries in state.items():
+        if not 0 <= param_id < len(shapes):
+            raise ValueError(f"optimizer {name}: state for parameter {param_id}, which this run does not have")
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != shapes[param_id]:
+                raise ValueError(f"optimizer {name}: {key} of parameter {param_id} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(shapes[param_id])}")
 
 
 def rng_state() -> tuple[Tensors, dict[str, Any]]:

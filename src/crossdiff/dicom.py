@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from crossdiff.errors import InputError, error_summary
+from crossdiff.errors import InputError, error_summary, warn_input
 from crossdiff.file_checks import check_geometry, is_regular_file, require_regular_file
 from crossdiff.headers.dicom import check_image, numbers, read_dataset, value
 from crossdiff.volumes import Volume
@@ -165,12 +165,26 @@ def _check_image(path: Path, header: pydicom.Dataset) -> None:
 
 
 def _check_decoded(path: Path, image: sitk.Image, header: pydicom.Dataset, slices: int) -> None:
-    """What GDCM made must be the grid the headers declare, at a plausible place."""
+    """What GDCM made must be the grid the headers declare: their size, and the pixel spacing, position and
+    orientation checked in them (GDCM ignores Pixel Spacing when, say, a damaged SOP Class UID no longer
+    names an image storage class: the image would come out at 1 mm). A CT, MR or PET image that disagrees
+    is refused; another image is read with a warning, since GDCM decides for those which tags count."""
     expected = (int(header.Columns), int(header.Rows), slices)
     size = tuple(image.GetSize()) + (1,) * (3 - image.GetDimension())
     if size != expected:
         raise InputError(path, f"DICOM pixel data decode to {size}, the headers declare {expected}: the file is damaged")
     check_geometry(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    stated = {"PixelSpacing": (_plane_numbers(header, "PixelSpacing", 2), np.array(image.GetSpacing()[1::-1])),
+              "ImagePositionPatient": (_plane_numbers(header, "ImagePositionPatient", 3), np.array(image.GetOrigin())),
+              "ImageOrientationPatient": (_plane_numbers(header, "ImageOrientationPatient", 6),
+                                          np.array(image.GetDirection()).reshape(3, 3)[:, :2].T.reshape(-1))}
+    for keyword, (declared, read) in stated.items():
+        if declared is not None and not np.allclose(declared, read, rtol=1e-4, atol=1e-3):
+            problem = (f"GDCM reads its {keyword} as {np.round(read, 4).tolist()}, the header says "
+                       f"{np.round(declared, 4).tolist()} (SOP Class UID {header.get('SOPClassUID', 'absent')})")
+            if str(header.get("Modality", "")).upper() in MODALITY_FAMILY:
+                raise InputError(path, f"{problem}: the file is damaged")
+            warn_input(path, f"{problem}; the image is read as GDCM does")
 
 
 def _read_header(path: Path, claimed: bool = False) -> pydicom.Dataset | None:

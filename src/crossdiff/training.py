@@ -296,7 +296,7 @@ class _TrainingState:
             if state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
             checkpoints.restore_rng(training, state["rng"])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+        except (CrossdiffError, KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
             problem = f"training state does not fit this run ({type(error).__name__}: {error_summary(error)})"
             raise InputError(folder / checkpoints.STATE_FILE, problem) from None
         return state

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .campaign import Settings, run, summary, write
+from .campaign import FAILURES, Settings, run, summary, write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(record: dict) -> None:
         counter["done"] += 1
-        failed = record["class"] not in ("accepted", "accepted with a warning", "clean error")
+        failed = record["class"] in FAILURES
         if failed or counter["done"] % 500 == 0:
             print(f"[{counter['done']}/{args.inputs}] #{record['index']} {record['class']}: {record['seed']}: "
                   f"{record['mutation'][:80]} {record['exception']} {record['message'][:120]}", flush=True)

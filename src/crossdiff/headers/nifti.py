@@ -84,6 +84,10 @@ def _check_voxel_sizes(path: Path, header: nib.Nifti1Header, shape: tuple[int, .
 def _check_orientation(path: Path, header: nib.Nifti1Header) -> None:
     """The quaternion and affine ITK builds the direction and origin from must be finite and valid."""
     qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    qfac = float(header["pixdim"][0])
+    if qform_code > 0 and qfac not in (-1.0, 0.0, 1.0):
+        raise InputError(path, f"the header's qfac pixdim[0] = {qfac:g} must be 1 or -1 (0 counts as 1): it decides whether "
+                               "the slice axis is flipped (the header is damaged)")
     if qform_code > 0:
         quaternion = np.array([header["quatern_b"], header["quatern_c"], header["quatern_d"]], dtype=float)
         offsets = np.array([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=float)
@@ -99,7 +103,9 @@ def _check_orientation(path: Path, header: nib.Nifti1Header) -> None:
     if qform_code <= 0 and sform_code <= 0:
         warn_input(path, "has no orientation (qform and sform codes 0): read with origin 0 and identity directions")
     elif qform_code > 0 and sform_code > 0:
-        gap = float(np.abs(header.get_qform() - header.get_sform()).max())
+        forms = header.copy()
+        forms["pixdim"][0] = qfac or 1.0  # the standard's reading of qfac 0, which nibabel refuses
+        gap = float(np.abs(forms.get_qform() - forms.get_sform()).max())
         if gap > FORM_TOLERANCE_MM:
             warn_input(path, f"its two orientations (qform and sform) disagree by up to {gap:.3g} mm; read with the one "
                              "ITK prefers: check which one is right")
