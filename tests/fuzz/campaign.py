@@ -37,6 +37,7 @@ FORMAT_WEIGHTS = {
     "dicom-series": 0.12, "manifest.json": 0.05, "manifest.csv": 0.03, "yaml": 0.07, "checkpoint": 0.05, "run": 0.04,
     "fid": 0.03, "option": 0.02,
 }  # fmt: skip
+
 PASSING = ("accepted", "accepted, another valid geometry", "accepted with a warning", "clean error")
 FAILURES = ("silently changed", "hostile value accepted", "unsafe name accepted", "error without the input's name",
             "other exception", "hang", "crash", "memory", "code execution")
@@ -51,6 +52,7 @@ class Settings:
     memory_limit_mb: int = 4096
     rss_limit_mb: float = 2048.0
     examples: int = 12
+    cli_every: int = 0  # also run every n-th input (of a target with a command) through `crossdiff`; 0: never
 
 
 @dataclass
@@ -106,6 +108,8 @@ def run(work: Path, settings: Settings, only: list[int] | None = None, keep: boo
             executed = sentinel.exists()
             sentinel.unlink(missing_ok=True)
             record = _record(index, seed, mutant, result, campaign.baseline[str(seed.path)], executed, settings)
+            if settings.cli_every and index % settings.cli_every == 0 and seed.target in CLI_COMMANDS:
+                record["cli"] = run_command(seed.target, mutant.path, folder, settings.timeout * 4)
             campaign.records.append(record)
             if not keep:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -116,6 +120,37 @@ def run(work: Path, settings: Settings, only: list[int] | None = None, keep: boo
     campaign.restarts = worker.restarts
     campaign.seconds = time.perf_counter() - start
     return campaign
+
+
+CLI_COMMANDS = {
+    "volume": lambda path, scratch: ["info", str(path)],
+    "mask": lambda path, scratch: ["mask", str(path), "--out", str(scratch / "mask.nii.gz")],
+    "manifest": lambda path, scratch: ["check", str(path)],
+    "train-config": lambda path, scratch: ["train", "--method", "unet", "--manifest", str(scratch / "none.json"),
+                                           "--out", str(scratch / "run"), "--config", str(path)],
+    "checkpoint": lambda path, scratch: ["export", "--model", str(path), "--out", str(scratch / "exported")],
+}
+
+
+def run_command(target: str, path: Path, scratch: Path, timeout: float) -> str:
+    """The input through the command line, as a user meets it: 'ok' (exit 0), 'clean error' (exit 1 and
+    one error line), or what broke the promise ('traceback', 'crash', 'hang')."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "crossdiff", *CLI_COMMANDS[target](path, scratch)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, errors="replace",
+                              env={**os.environ, "COLUMNS": "200"})
+    except subprocess.TimeoutExpired:
+        return "hang"
+    if done.returncode == 0:
+        return "ok"
+    if done.returncode < 0:
+        return "crash"
+    clean = done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.strip().startswith("error:")
+    return "clean error" if clean else "traceback"
 
 
 def _scratch_copy(seed: Seed, folder: Path) -> Path:
@@ -183,6 +218,7 @@ def summary(campaign: Campaign) -> dict[str, Any]:
     seconds = [r["seconds"] for r in records if not math.isnan(r["seconds"])]
     examples = {name: [r for r in records if r["class"] == name][: campaign.settings.examples] for name in FAILURES}
     exceptions = Counter(f"{r['exception']} at {r['where']}" for r in records if r["class"] == "other exception")
+    commands = Counter(r["cli"] for r in records if "cli" in r)
     return {
         "settings": vars(campaign.settings),
         "inputs": len(records),
@@ -196,6 +232,9 @@ def summary(campaign: Campaign) -> dict[str, Any]:
         "wall_seconds": round(campaign.seconds, 1),
         "worker_restarts": campaign.restarts,
         "other_exceptions": dict(exceptions.most_common(30)),
+        "cli_runs": dict(commands),
+        "cli_failures": [{k: r[k] for k in ("index", "seed", "mutation", "cli")} for r in records
+                         if r.get("cli") not in (None, "ok", "clean error")][: campaign.settings.examples],
         "examples": {name: found for name, found in examples.items() if found},
         "machine": platform.platform(),
         "commit": _commit(),
@@ -227,6 +266,11 @@ def markdown(figures: dict[str, Any], command: str) -> str:
               "|---|" + "---|" * (len(PASSING) + len(FAILURES))]
     for fmt, counts in figures["by_format"].items():
         lines.append(f"| {fmt} | " + " | ".join(str(counts.get(name, 0)) for name in PASSING + FAILURES) + " |")
+    if figures["cli_runs"]:
+        runs = ", ".join(f"{name} {count}" for name, count in sorted(figures["cli_runs"].items()))
+        lines += ["", f"Through the command line (`crossdiff info`, `mask`, `check`, `train --config`, `export`): "
+                      f"{sum(figures['cli_runs'].values())} runs: {runs}."]
+        lines += [f"- #{r['index']} {r['seed']}: {r['mutation']} -> {r['cli']}" for r in figures["cli_failures"]]
     if figures["examples"]:
         lines += ["", "## Failures (first examples)", ""]
         for name, found in figures["examples"].items():
