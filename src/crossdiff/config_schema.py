@@ -180,7 +180,10 @@ def check_method_settings(name: str, settings: Any, data: Any = None, build: boo
     cls = get_method(name)
     if not isinstance(settings, dict):
         raise CrossdiffError(f"method: the {name} settings must be a mapping, not {type(settings).__name__}")
-    defaults = cls.default_settings(settings)
+    stage = settings.get("stage")
+    if stage is not None and not isinstance(stage, str):
+        raise CrossdiffError(f"method.stage: expected a stage name, got {_shown(stage)}")
+    defaults = _defaults(cls, stage)
     unknown = sorted(str(key) for key in settings if key not in defaults)
     if unknown:
         raise CrossdiffError(f"method: {name} has no setting(s) {', '.join(unknown)} (it has: {', '.join(defaults)})")
@@ -189,6 +192,12 @@ def check_method_settings(name: str, settings: Any, data: Any = None, build: boo
     if build:
         build_on_meta(cls, settings, data)
     return settings
+
+
+@cache
+def _defaults(cls: type, stage: Any) -> dict[str, Any]:
+    """A method's defaults (built once per method and stage: building takes a moment)."""
+    return cls.default_settings({} if stage is None else {"stage": stage})
 
 
 def check_value(where: str, value: Any, default: Any, key: str | None = None) -> None:

@@ -62,6 +62,7 @@ class Campaign:
     baseline: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     restarts: int = 0
+    commit: str = ""  # the code the campaign ran, read when it started
 
 
 def plan(seeds: list[Seed], settings: Settings) -> list[tuple[int, Seed]]:
@@ -82,8 +83,8 @@ def run(work: Path, settings: Settings, only: list[int] | None = None, keep: boo
         progress: Any = None) -> Campaign:
     """Build the seeds, read each once (the baseline every mutant is compared with), then run the plan."""
     start = time.perf_counter()
+    campaign = Campaign(settings, commit=_commit())
     seeds = corpus.build(work)
-    campaign = Campaign(settings)
     worker = Worker(settings.memory_limit_mb << 20, settings.timeout)
     sentinel = work / corpus.SENTINEL_NAME
     sentinel.unlink(missing_ok=True)
@@ -237,7 +238,7 @@ def summary(campaign: Campaign) -> dict[str, Any]:
                          if r.get("cli") not in (None, "ok", "clean error")][: campaign.settings.examples],
         "examples": {name: found for name, found in examples.items() if found},
         "machine": platform.platform(),
-        "commit": _commit(),
+        "commit": campaign.commit,
     }
 
 
