@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE, SHARED_DATA, require_shared
+from helpers import SAMPLE, SARCOMA, SHARED_DATA, require_shared
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,3 +29,12 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def phi_mr_series(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """STS_003's real MR DICOM series with recognisable patient-identifying values planted (tests/phi.py)."""
+    require_shared()
+    from phi import copy_with_phi
+
+    return copy_with_phi(SARCOMA / "STS_003" / "MR_T1" / "dicom" / "image", tmp_path_factory.mktemp("phi") / "mr")

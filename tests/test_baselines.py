@@ -213,11 +213,12 @@ def test_unpaired_split_takes_source_and_target_slices_from_different_cases():
     both = {cid: CaseEntry(images={"mr": Path(f"{cid}-mr"), "ct": Path(f"{cid}-ct")}) for cid in ("a", "b", "c", "d", "e")}
     manifest = Manifest({**both, "mr_only": CaseEntry(images={"mr": Path("m")}), "ct_only": CaseEntry(images={"ct": Path("c")}),
                          "held": CaseEntry(images={"mr": Path("hm"), "ct": Path("hc")}, split="test")})
-    sources, targets, validation = _unpaired_split(manifest, "mr", "ct", seed=0)
-    assert not set(sources) & set(targets) and set(sources) | set(targets) == set(both) | {"mr_only", "ct_only"}
-    assert "mr_only" in sources and "ct_only" in targets and (len(sources), len(targets)) == (4, 3)  # halves 3 + 2, + 1 each
-    assert validation == ["held"]
-    assert _unpaired_split(manifest, "mr", "ct", seed=0) == (sources, targets, validation)
+    sources, targets, validation, note = _unpaired_split(manifest, "mr", "ct", seed=0)
+    assert len(validation) == 1 and validation[0] in both and "carved out" in note  # no val split: one training case
+    assert "held" not in validation + sources + targets  # a test case is never used
+    assert not set(sources) & set(targets) and set(sources) | set(targets) == set(both) - set(validation) | {"mr_only", "ct_only"}
+    assert "mr_only" in sources and "ct_only" in targets and (len(sources), len(targets)) == (3, 3)  # halves 2 + 2, + 1 each
+    assert _unpaired_split(manifest, "mr", "ct", seed=0) == (sources, targets, validation, note)
     assert {tuple(_unpaired_split(manifest, "mr", "ct", seed=s)[0]) for s in range(8)} != {tuple(sources)}  # seeded
     lonely = Manifest({"a": both["a"]})
     with pytest.raises(CrossdiffError, match="mr images of some training cases and ct images of other training cases"):
@@ -226,7 +227,8 @@ def test_unpaired_split_takes_source_and_target_slices_from_different_cases():
 
 def test_cyclegan_trains_from_an_unpaired_manifest_on_the_command_line(tmp_path):
     """Single-modality cases (the bundled patient's MR as one case, its CT as another) train the
-    cyclegan, validated on the paired case of the test split; then it translates and refuses --uncertainty."""
+    cyclegan, with no validation (the only paired case is a test case, which training never uses); then it
+    translates and refuses --uncertainty."""
     manifest = tmp_path / "manifest.json"
     mr, ct = str(SAMPLE / "mr.nii.gz"), str(SAMPLE / "ct.nii.gz")
     manifest.write_text(json.dumps({"cases": {
@@ -244,7 +246,8 @@ def test_cyclegan_trains_from_an_unpaired_manifest_on_the_command_line(tmp_path)
                                        "--config", str(config), "--steps", "2", "--device", "cpu"])
     assert trained.exit_code == 0, trained.output
     text = " ".join(trained.output.split())
-    assert "training cyclegan on" in text and "of 2 cases, validating on" in text and "val_mae" in text
+    assert "training cyclegan on" in text and "of 2 cases, no validation cases" in text and "val_mae" not in text
+    assert "validation: none: no val or training case holds both mr and ct (test cases are never used)" in text
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["source"] == "mr" and saved["model"]["target"] == "ct"
     assert saved["model"]["scalings"]["target"]["method"] == "ct-window"

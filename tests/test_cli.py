@@ -22,13 +22,16 @@ def test_info_describes_a_real_ct(sample_dir):
     result = crossdiff("info", sample_dir / "ct.nii.gz")
     assert result.returncode == 0, result.stderr
     out = " ".join(result.stdout.split())
-    assert "154 x 158 x 51" in out and "LPS" in out and "CT (HU)" in out
+    assert "154 x 158 x 51" in out and "LPS" in out
+    assert "modality │ CT: guessed from the name 'ct.nii.gz'" in out
+    assert "units │ HU: values" in out and "air near -1000, Hounsfield units" in out
 
 
 def test_info_on_a_dicom_series_and_a_png(shared_data):
     dicom = crossdiff("info", shared_data / "sarcoma-ct-mr-pet/STS_002/PET/dicom/image")
     assert dicom.returncode == 0, dicom.stderr
-    assert "PET (SUVbw)" in " ".join(dicom.stdout.split())
+    assert "PET: DICOM Modality tag (PET)" in " ".join(dicom.stdout.split())
+    assert "SUVbw: declared by the DICOM header" in " ".join(dicom.stdout.split())
     png = crossdiff("info", shared_data / "brainweb-t1-pd-slices/BrainT1Slice.png")
     assert png.returncode == 0 and "181 x 217 x 1" in " ".join(png.stdout.split())
 

@@ -203,12 +203,14 @@ def test_train_resume_and_translate_from_the_command_line(tmp_path):
               "--out", str(run), "--device", "cpu"]
     first = CliRunner().invoke(app, [*common, "--config", str(config), "--steps", "2"])
     assert first.exit_code == 0, first.output
-    assert "no validation cases" in first.output and "step-0000002" in first.output
+    assert "validation runs on the training cases" in first.output and "step-0000002" in first.output
     resumed = CliRunner().invoke(app, [*common, "--steps", "3", "--resume"])
     assert resumed.exit_code == 0, resumed.output
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"]["config"]["channels"] == [8, 16] and saved["training"]["steps"] == 3
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "val_mae" in r] == [2, 3]  # validated at the end of each call
     assert (run / "checkpoints" / "latest").resolve().name == "step-0000003"
 
     output = tmp_path / "out" / "sct.nii.gz"

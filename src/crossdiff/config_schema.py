@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, create_model
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, create_model
 
 from crossdiff.errors import CrossdiffError, InputError, error_summary
 from crossdiff.file_checks import require_regular_file
@@ -134,8 +134,10 @@ def check_section(section: str, data: Any, cls: type) -> dict[str, Any]:
 
 @cache
 def _model(cls: type) -> Any:
+    """A pydantic model of the dataclass's fields; the fields are given by alias, since a setting may be
+    named like a method of pydantic's BaseModel (TrainConfig's 'validate')."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: (_strict(hints[f.name]), None) for f in dataclasses.fields(cls)}
+    fields = {f"setting_{f.name}": (_strict(hints[f.name]), Field(None, alias=f.name)) for f in dataclasses.fields(cls)}
     return create_model(f"{cls.__name__}Settings", __config__=ConfigDict(extra="forbid", allow_inf_nan=False), **fields)
 
 
@@ -303,15 +305,15 @@ def check_preparation(config: Any) -> None:
     otherwise only trip over after minutes of reading and registering."""
     from crossdiff.file_checks import SPACING_RANGE_MM
     from crossdiff.intensity import METHODS
-    from crossdiff.registration import TRANSFORMS
+    from crossdiff.registration import SLICE_TRANSFORMS, TRANSFORMS
 
     low, high = SPACING_RANGE_MM
     checks = [
         (bool(config.modalities), "preparation.modalities: at least one modality"),
         (config.reference is None or config.reference in config.modalities,
          f"preparation.reference: {config.reference!r} is not one of the modalities {config.modalities}"),
-        (config.registration in ("none", *TRANSFORMS),
-         f"preparation.registration: {config.registration!r} is not one of none, {', '.join(TRANSFORMS)}"),
+        (config.registration in ("none", *TRANSFORMS, *SLICE_TRANSFORMS),
+         f"preparation.registration: {config.registration!r} is not one of none, {', '.join(TRANSFORMS + SLICE_TRANSFORMS)}"),
         (all(method in METHODS for method in config.scaling.values()),
          f"preparation.scaling: methods must be among {', '.join(METHODS)}, not {config.scaling}"),
         (config.ct_window[0] < config.ct_window[1], f"preparation.ct_window: low must be below high {config.ct_window}"),

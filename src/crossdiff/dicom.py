@@ -44,7 +44,9 @@ class SeriesInfo:
     files: tuple[str, ...]
 
     def summary(self) -> str:
-        return f"{self.uid} ({self.modality}, {len(self.files)} files{', ' + self.description if self.description else ''})"
+        """UID, modality and size: no SeriesDescription, which exporters fill with patient identifiers
+        (the sarcoma set's holds the patient ID), so messages never carry one."""
+        return f"{self.uid} ({self.modality}, {len(self.files)} files)"
 
 
 def has_dicom_marker(path: Path) -> bool:
@@ -96,12 +98,20 @@ def _group_series(folder: Path) -> list[tuple[SeriesInfo, list[pydicom.Dataset]]
     return series
 
 
-def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
-    """Read one series of `folder` (the only one, or the one with `series_uid`) as a Volume."""
+def read_series_headers(folder: str | Path, series_uid: str | None = None) -> tuple[SeriesInfo, list[pydicom.Dataset]]:
+    """One series of `folder` (the only one, or the one with `series_uid`) and its headers in slice order,
+    checked like `read_dicom_series` checks them (one grid, evenly spaced), without the pixels."""
     folder = Path(folder)
     series, headers = _choose_series(folder, _group_series(folder), series_uid)
     _check_consistent(folder, series, headers)
     _check_even_spacing(folder, headers)
+    return series, headers
+
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volume:
+    """Read one series of `folder` (the only one, or the one with `series_uid`) as a Volume."""
+    folder = Path(folder)
+    series, headers = read_series_headers(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(series.files))
     # The pixel type must not come from the first slice alone: PET stores a different Rescale
@@ -357,3 +367,14 @@ def _check_even_spacing(folder: Path, headers: list[pydicom.Dataset]) -> None:
             f"typical {step:.3g} mm): a slice is missing or duplicated",
         )
 
+
+
+def series_description(folder: Path) -> tuple[str, str] | None:
+    """(Modality, SeriesDescription) of the first DICOM image directly in `folder`, or None if it has none:
+    what names a series folder in a study whose folder names do not (layout 'series-folders')."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (has_dicom_marker(path) or path.name.lower().endswith(DICOM_SUFFIXES)):
+            header = _read_header(path)
+            if header is not None and _is_image(header):
+                return str(header.get("Modality", "")), str(header.get("SeriesDescription", ""))
+    return None

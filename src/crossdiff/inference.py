@@ -30,7 +30,7 @@ from crossdiff.masks import body_mask
 from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec, Method
 from crossdiff.training import MODEL_FORMAT, resolve_device
-from crossdiff.volumes import BACKGROUND, Geometry, Volume, resample_to
+from crossdiff.volumes import Geometry, Volume, background_value, resample_to
 
 MAX_CHANNELS = 64  # source channels (2k + 1 slices of 2.5-D context) a model may take
 FITTED_SCALINGS = ("percentile", "mean")  # refitted on every input; the others are fixed windows
@@ -60,6 +60,7 @@ class ModelSpec:
     spacing: tuple[float, float, float]
     direction: tuple[float, ...]
     other_targets: dict[str, IntensityScaling] = field(default_factory=dict)
+    planar: bool = False  # trained on stacks of 2-D images (PNG slices) rather than volumes
 
     @property
     def target_modality(self) -> str | None:
@@ -107,6 +108,7 @@ class ModelSpec:
             tuple(float(s) for s in spacing),  # type: ignore[arg-type]
             cases[0].geometry.direction,
             {key: typical(key) for key in others},
+            all(case.planar for case in cases),
         )
 
     def to_sections(self) -> dict[str, Any]:
@@ -118,6 +120,7 @@ class ModelSpec:
             "spacing": list(self.spacing),
             "direction": list(self.direction),
             "other_targets": {key: scaling.to_dict() for key, scaling in self.other_targets.items()},
+            "planar": self.planar,
         }
         return {"model": model, "slices": self.slices.to_dict(), "preparation": self.preparation.to_dict()}
 
@@ -141,7 +144,25 @@ class ModelSpec:
             tuple(float(s) for s in model["spacing"]),  # type: ignore[arg-type]
             tuple(float(d) for d in model["direction"]),
             {key: IntensityScaling.from_dict(value) for key, value in model.get("other_targets", {}).items()},
+            bool(model.get("planar", False)),
         )
+
+    def input_problems(self, volume: Volume) -> list[str]:
+        """How `volume` (read without forcing a modality) differs from what this model was trained on:
+        another modality, other units, a volume for a model of 2-D slices or the other way round."""
+        problems = []
+        family = family_of(self.source)
+        if family is not None and volume.modality is not None and volume.modality != family:
+            why = volume.evidence.get("modality", "")
+            problems.append(f"the input looks like {volume.modality} ({why}) but the model translates {family} ({self.source})")
+        trained_units = self.source_scaling.units
+        if trained_units is not None and volume.units is not None and volume.units != trained_units:
+            problems.append(f"the input's units are {volume.units} ({volume.evidence.get('units', '')}) but the model was "
+                            f"trained on {trained_units}")
+        if volume.planar != self.planar:
+            have, want = ("2-D image(s)", "volumes") if volume.planar else ("a volume", "2-D image slices")
+            problems.append(f"the input is {have} but the model was trained on {want}")
+        return problems
 
 
 def _typical(scalings: list[IntensityScaling]) -> IntensityScaling:
@@ -452,7 +473,7 @@ def _assemble(
     """Draws in [-1, 1] -> mean, spread and samples in physical units, background outside the mask."""
     target = spec.target_scaling
     modality = spec.target_modality
-    background = BACKGROUND.get(modality or "", 0.0)
+    background = background_value(modality, target.units)
 
     def physical(unit: np.ndarray) -> Volume:
         values = target.invert(unit)

@@ -13,10 +13,23 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from crossdiff.errors import CrossdiffError
+from crossdiff.units import DISPLAY, DISPLAY_RANGE, HU, SUV
 from crossdiff.volumes import Volume
 
 METHODS = ("ct-window", "percentile", "mean", "suv", "fixed")
-DEFAULT_METHOD = {"CT": "ct-window", "MR": "percentile", "PET": "suv"}
+
+
+def default_method(volume: Volume) -> str:
+    """The scaling that fits the image's units: the HU window for CT in HU, the SUV window for PET in
+    SUV, the full grey range for display-windowed images (0-255 is their meaning), and robust
+    percentiles for everything without a physical scale (MR, arbitrary units)."""
+    if volume.units == DISPLAY:
+        return "fixed"
+    if volume.modality == "CT" and volume.units in (None, HU):
+        return "ct-window"
+    if volume.modality == "PET" and volume.units in (None, SUV):
+        return "suv"
+    return "percentile"
 
 
 @dataclass(frozen=True)
@@ -63,9 +76,12 @@ def fit_scaling(
     - 'percentile': robust MR scaling, the given percentiles inside the mask map to [-1, 1].
     - 'mean': SynDiff-style scaling by the mean inside the mask: 0 -> -1, `mean_multiple`*mean -> +1.
     - 'suv': fixed SUV window for PET, default [0, 20].
-    - 'fixed': the given `window`, for any modality.
+    - 'fixed': the given `window`, for any modality (default for display grey levels: 0-255).
+    Without `method`, the one that fits the image's modality and units (`default_method`).
     """
-    method = method or DEFAULT_METHOD.get(volume.modality or "", "percentile")
+    method = method or default_method(volume)
+    if method == "fixed" and window is None and volume.units == DISPLAY:
+        window = DISPLAY_RANGE
     if method not in METHODS:
         raise CrossdiffError(f"unknown intensity scaling {method!r}; choose from {', '.join(METHODS)}")
     if method == "ct-window":

@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
+from skimage.morphology import convex_hull_image
 
 from crossdiff.errors import InputError
+from crossdiff.units import DISPLAY, HU, SUV
 from crossdiff.volumes import Volume
 
 # Air is about -1000 HU and fat about -100 HU: -500 separates them with a wide margin either side.
@@ -21,6 +23,14 @@ CT_THRESHOLD_HU = -500.0
 # millimetres. Against the CT body mask of the three sarcoma patients, Dice peaks at 0.15-0.25 SUV
 # (0.95-0.975 at 0.2; 0.94-0.96 at 0.1, where the blur halo is counted as body).
 PET_THRESHOLD_SUV = 0.2
+# A display-windowed CT (8-bit export) shows air as 0 (below every window in use) with noise of a few
+# grey levels (up to ~3 on the paired PNG set), fat at 15-60 in a soft-tissue window: 8 separates them.
+# Otsu would cut the dark fat out of the body (paired PNG Patient_12: Dice 0.82 against the MR's mask).
+# A brain window (W80 L40) shows fat, air cells and sinuses as 0 too, so the head falls apart into
+# pieces open to the outside that hole filling cannot close, and the thin skin line around them does not
+# survive an opening; such a CT's body is the convex hull of its parts in each slice (a head's outline).
+CT_DISPLAY_AIR_ABOVE = 8.0
+DISPLAY_SPECK_FRACTION = 0.005
 # MR threshold floor as a fraction of the plain Otsu level; see `mr_foreground`.
 MR_OTSU_FRACTION = 0.25
 # Closing radius in millimetres: bridges the thin skin line gaps thresholding leaves.
@@ -40,21 +50,41 @@ def body_mask(
 ) -> Volume:
     """The patient's body as a uint8 0/1 volume (modality 'mask') on the same grid as `volume`.
 
-    The threshold depends on the modality (CT: HU, PET: SUV, MR or unknown: Otsu-based);
-    then only the largest connected part is kept and its holes are filled. Raises InputError if
+    The threshold depends on the modality and its units (CT in HU, PET in SUV; MR, unknown, and any image
+    without physical units such as a display-windowed CT: Otsu-based); then only the largest connected
+    part is kept and its holes are filled. Raises InputError if
     nothing is left, since an empty body mask would silently turn every later statistic into NaN.
     """
     array = np.asarray(volume.array, dtype=np.float32)
-    if volume.modality == "CT":
+    if volume.modality == "CT" and volume.units in (None, HU):
         foreground = array > ct_threshold
-    elif volume.modality == "PET":
+    elif volume.modality == "CT" and volume.units == DISPLAY:
+        foreground = array > CT_DISPLAY_AIR_ABOVE
+    elif volume.modality == "PET" and volume.units in (None, SUV):
         foreground = array > pet_threshold
     else:
         foreground = mr_foreground(array, mr_otsu_fraction)
-    mask = clean_mask(foreground, volume.geometry.spacing, closing_mm, opening_mm)
+    spacing = volume.geometry.spacing
+    if volume.modality == "CT" and volume.units == DISPLAY:
+        mask = np.stack([_display_outline(plane) for plane in foreground])
+    elif volume.planar:  # stacked 2-D images: each slice is its own picture, a body in each
+        mask = np.stack([clean_mask(plane[None], spacing, closing_mm, opening_mm)[0] for plane in foreground])
+    else:
+        mask = clean_mask(foreground, spacing, closing_mm, opening_mm)
     if not mask.any():
         raise InputError(volume.path, f"no body found: the automatic {volume.modality or 'MR'} body mask is empty")
     return volume.with_array(mask.astype(np.uint8), modality="mask", units=None)
+
+
+def _display_outline(plane: np.ndarray) -> np.ndarray:
+    """The convex hull of a windowed CT slice's foreground parts (specks under 0.5% of the slice dropped)."""
+    labels, count = ndi.label(plane)
+    if count == 0:
+        return plane
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    kept = np.isin(labels, np.flatnonzero(sizes >= DISPLAY_SPECK_FRACTION * plane.size))
+    return convex_hull_image(kept) if kept.any() else kept
 
 
 def mr_foreground(array: np.ndarray, otsu_fraction: float = MR_OTSU_FRACTION) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -346,3 +347,166 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+# ----------------------------------------------------------------------------- slice-wise 2-D pairing
+
+SLICE_TRANSFORMS = ("rigid-2d", "affine-2d")
+DICE_TOLERANCE = 0.005  # a slice's registration is kept unless it lowers body-mask Dice by more than this
+
+
+@dataclass
+class SliceRegistration:
+    """`register_slices` result: the moving stack on the fixed grid, where it has data, and per slice
+    the body-mask Dice and NMI before (as exported) and after registration, and whether it was kept."""
+
+    volume: Volume
+    covered: np.ndarray
+    rows: list[dict[str, float]]
+
+    def dice(self, stage: str) -> float:
+        """Mean body-mask Dice over the slices, 'before' or 'after'."""
+        return float(np.mean([row[f"dice_{stage}"] for row in self.rows])) if self.rows else float("nan")
+
+
+def register_slices(
+    fixed: Volume, moving: Volume, fixed_mask: np.ndarray, moving_mask: np.ndarray,
+    transform: str = "affine-2d", seed: int = 0, iterations: int = 200,
+) -> SliceRegistration:
+    """Register each 2-D slice of `moving` onto the same slice of `fixed` (Mattes MI, rigid or affine).
+
+    For stacks of exported 2-D slices (the paired PNG sets) whose k-th images show the same level but
+    with another field of view and scale: a 3-D transform cannot fix a per-slice zoom. Each slice starts
+    from its body masks' match (centroids, and for affine the scale from their areas), then Mattes MI
+    refines it inside the fixed body. A slice whose registration lowers the body-mask Dice (by more than
+    DICE_TOLERANCE) or the NMI keeps its exported position: registration must not make a pair worse.
+    """
+    if transform not in SLICE_TRANSFORMS:
+        raise CrossdiffError(f"unknown slice transform {transform!r}; choose one of {', '.join(SLICE_TRANSFORMS)}")
+    if fixed.shape[0] != moving.shape[0]:
+        raise CrossdiffError(f"slice-wise registration needs as many slices in both stacks ({fixed.shape[0]} vs {moving.shape[0]})")
+    spacing = fixed.geometry.spacing[:2]
+    aligned = np.empty(fixed.shape, dtype=np.float32)
+    covered = np.zeros(fixed.shape, dtype=bool)
+    rows = []
+    with _itk_threads(1):
+        for index in range(fixed.shape[0]):
+            plane, region, row = _register_plane(
+                fixed.array[index], moving.array[index], fixed_mask[index], moving_mask[index], spacing,
+                transform, seed, iterations, moving.background,
+            )
+            aligned[index], covered[index] = plane, region
+            rows.append({"slice": index, **row})
+    return SliceRegistration(fixed.with_array(aligned, modality=moving.modality, units=moving.units), covered, rows)
+
+
+def _register_plane(
+    fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray, moving_mask: np.ndarray,
+    spacing: tuple[float, float], transform: str, seed: int, iterations: int, background: float,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """One slice: (moving resampled onto fixed, where it has data, Dice/NMI before and after, kept)."""
+    images = [_plane_image(a, spacing) for a in (fixed, moving)]
+    masks = [_plane_image(m.astype(np.uint8), spacing) for m in (fixed_mask, moving_mask)]
+    identity = sitk.AffineTransform(2)
+
+    def warp(image: sitk.Image, found: sitk.Transform, value: float, nearest: bool = False) -> np.ndarray:
+        method = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+        return sitk.GetArrayFromImage(sitk.Resample(image, images[0], found, method, value, image.GetPixelID()))
+
+    def scores(found: sitk.Transform) -> tuple[float, float]:
+        warped_mask = warp(masks[1], found, 0, nearest=True) > 0
+        warped = warp(images[1], found, background)
+        both = fixed_mask | warped_mask
+        nmi = normalized_mutual_information(fixed, warped, both) if both.any() else 1.0
+        return dice(fixed_mask, warped_mask), nmi
+
+    dice_before, nmi_before = scores(identity)
+    found: sitk.Transform = identity
+    if fixed_mask.any() and moving_mask.any():
+        region = sitk.Cast(sitk.BinaryDilate(masks[0], [5, 5]), sitk.sitkUInt8)
+        settings = _Settings(region, seed, iterations, 0.25, SHRINK_FACTORS, (2.0, 1.0, 0.0), None)
+        start = _plane_start(fixed_mask, moving_mask, spacing, scale=transform == "affine-2d")
+        if transform == "rigid-2d":
+            rigid = sitk.Euler2DTransform()
+            rigid.SetCenter(start.GetCenter())
+            rigid.SetTranslation(start.GetTranslation())
+            start = rigid
+        try:
+            found = _run(settings, images[0], images[1], start, _gradient_descent)
+        except CrossdiffError:
+            found = identity
+    dice_after, nmi_after = scores(found)
+    kept = dice_after >= dice_before - DICE_TOLERANCE and nmi_after >= nmi_before
+    chosen = found if kept else identity
+    ones = _plane_image(np.ones(moving.shape, dtype=np.uint8), spacing)
+    row = {"dice_before": dice_before, "dice_after": dice_after if kept else dice_before, "nmi_before": nmi_before,
+           "nmi_after": nmi_after if kept else nmi_before, "kept": float(kept)}
+    return warp(images[1], chosen, background), warp(ones, chosen, 0, nearest=True) > 0, row
+
+
+def _plane_image(array: np.ndarray, spacing: tuple[float, float]) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array if array.dtype == np.uint8 else array.astype(np.float32)))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    return image
+
+
+def _plane_start(fixed_mask: np.ndarray, moving_mask: np.ndarray, spacing: tuple[float, float], scale: bool) -> sitk.AffineTransform:
+    """Fixed -> moving points matching the body masks' centroids (and, with `scale`, their sizes)."""
+    def centroid(mask: np.ndarray) -> np.ndarray:
+        rows, cols = np.nonzero(mask)
+        return np.array([cols.mean() * spacing[0], rows.mean() * spacing[1]])
+
+    centre, target = centroid(fixed_mask), centroid(moving_mask)
+    factor = float(np.sqrt(moving_mask.sum() / fixed_mask.sum())) if scale else 1.0
+    start = sitk.AffineTransform(2)
+    start.SetCenter(tuple(float(c) for c in centre))
+    start.SetMatrix((factor, 0.0, 0.0, factor))
+    start.SetTranslation(tuple(float(t) for t in target - centre))
+    return start
+
+
+@dataclass
+class CheckedRegistration:
+    """`register_checked` result: the moving image on the fixed grid (registered, or resampled by the
+    scanner geometry when registration made the pair worse), the region it covers, NMI before/after."""
+
+    volume: Volume
+    covered: np.ndarray
+    transform: sitk.Transform | None
+    nmi_before: float
+    nmi_after: float
+
+    @property
+    def kept(self) -> bool:
+        return self.transform is not None
+
+    def describe(self, name: str) -> str:
+        verdict = "kept" if self.kept else "NOT kept (it lowered NMI): resampled by the scanner geometry instead"
+        return f"{name}: NMI {self.nmi_before:.4f} before, {self.nmi_after:.4f} after; registration {verdict}"
+
+
+def register_checked(
+    fixed: Volume, moving: Volume, transform: str = "rigid", seed: int = 0, keep_worse: bool = False, **options: Any
+) -> CheckedRegistration:
+    """`register`, then keep the result only if it raises normalised mutual information over the voxels
+    both the registered and the unregistered image cover.
+
+    Mattes MI (what the optimiser climbs) can rise as images slide apart, so a registration may move a
+    kidney 39 mm and still 'converge'; NMI over a fixed overlap does not reward that. When it falls, the
+    scanner geometry's own resampling is returned, and callers say so (CLI warning, preparation notes);
+    `keep_worse` keeps the registration anyway.
+    """
+    from crossdiff.volumes import coverage
+
+    result = register(fixed, moving, transform=transform, seed=seed, **options)
+    plain = resample_to(moving, fixed)
+    plain_cover = coverage(moving, fixed)
+    moved_cover = coverage(moving, fixed, result.transform)
+    overlap = plain_cover & moved_cover
+    if not overlap.any():
+        overlap = plain_cover
+    before = normalized_mutual_information(fixed.array, plain.array, overlap)
+    after = normalized_mutual_information(fixed.array, result.volume.array, overlap)
+    if after < before and not keep_worse:
+        return CheckedRegistration(plain, plain_cover, None, before, after)
+    return CheckedRegistration(result.volume, moved_cover, result.transform, before, after)

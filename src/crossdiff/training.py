@@ -44,6 +44,8 @@ MODEL_FORMAT = "crossdiff-model"
 MODEL_VERSION = 1
 RUN_CONFIG = "config.yaml"
 METRICS_LOG = "metrics.jsonl"
+# A validation prediction whose spread inside the mask is below this fraction of the target's is a collapse.
+COLLAPSE_FRACTION = 0.05
 VALIDATION_STREAM = 2**32 - 1  # the "rank" slot of the validation generator's seed: no real rank has it
 
 
@@ -61,6 +63,7 @@ class TrainConfig:
     precision: str = "fp32"
     val_every: int = 500
     val_options: dict[str, Any] = field(default_factory=dict)
+    validate: bool = True  # False skips validation altogether (timing runs)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -375,10 +378,13 @@ def inference_modules(method: Method, modules: dict[str, nn.Module]) -> Iterator
 
 @torch.no_grad()
 def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torch.device) -> dict[str, float]:
-    """Mean validation loss, and MAE and PSNR on the [-1, 1] scale inside the mask (peak-to-peak 2).
+    """Mean validation loss, and MAE and PSNR on the [-1, 1] scale inside the mask (peak-to-peak 2); the
+    spread (std) of the prediction and of the target inside the mask, which tells a collapsed model.
     Items with a target 'code' (multi-target datasets) are translated into their own target."""
     generator = torch.Generator(device).manual_seed(stream_seed(config.seed, VALIDATION_STREAM))
     loss = error = squared = pixels = 0.0
+    moments = torch.zeros(4, dtype=torch.float64)  # sums of prediction, prediction^2, target, target^2 in the mask
+    extras: dict[str, float] = {}  # the method's own validation measures, weighted by batch size
     count = 0
     for batch in DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers):
         batch = _to_device(batch, device)
@@ -386,17 +392,38 @@ def validate(method: Method, dataset: Dataset, config: TrainConfig, device: torc
         with _autocast(device, config.precision):
             loss += method.validation_loss(batch, generator) * size
             prediction = _validation_translation(method, batch, generator, config.val_options)
+            for key, value in method.validation_metrics(batch, generator).items():
+                extras[f"val_{key}"] = extras.get(f"val_{key}", 0.0) + value * size
+        inside = batch["mask"] > 0.5
         difference = (prediction.float() - batch["target"].float()) * batch["mask"]
         error += float(difference.abs().sum())
         squared += float(difference.square().sum())
         pixels += float(batch["mask"].sum())
+        predicted, target = prediction.float()[inside].double().cpu(), batch["target"].float()[inside].double().cpu()
+        moments += torch.stack([predicted.sum(), predicted.square().sum(), target.sum(), target.square().sum()])
         count += size
     mse = squared / max(pixels, 1.0)
+    n = max(pixels, 1.0)
+    spread = [math.sqrt(max(float(moments[i + 1]) / n - (float(moments[i]) / n) ** 2, 0.0)) for i in (0, 2)]
     return {
         "val_loss": loss / max(count, 1),
         "val_mae": error / max(pixels, 1.0),
         "val_psnr": 10.0 * math.log10(4.0 / mse) if mse > 0 else math.inf,
+        "val_pred_std": spread[0],
+        "val_target_std": spread[1],
+        **{key: total / max(count, 1) for key, total in extras.items()},
     }
+
+
+def collapse_warning(record: dict[str, float]) -> str | None:
+    """A warning when validation shows a near-constant output: a model that has collapsed onto one value
+    (e.g. a tanh output stuck at the floor of a zero-background brain) still reports a plausible loss."""
+    predicted, target = record.get("val_pred_std"), record.get("val_target_std")
+    if predicted is None or not target or predicted >= COLLAPSE_FRACTION * target:
+        return None
+    return (f"validation output is near-constant at step {int(record['step'])} (std {predicted:.4f} inside the mask "
+            f"against {target:.4f} in the target): the model has collapsed onto one value; more steps rarely help. "
+            "For regression methods try method: {output: clamp, masked_loss: true} or a higher lr")
 
 
 def _validation_translation(method: Method, batch: dict[str, Any], generator: torch.Generator,
@@ -552,10 +579,14 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
                 losses = _mean_over_ranks(means, world, device)
                 log.write({"step": step, **losses, "steps_per_s": rate})
                 bar.update(task, info="  ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f"  {rate:.1f} steps/s")
-            if val_set is not None and world.main and (step % config.val_every == 0 or last):
+            if val_set is not None and config.validate and world.main and (step % config.val_every == 0 or last):
                 with inference_modules(method, state.ema.modules):
                     history.append({"step": step, **validate(method, val_set, config, device)})
                 log.write(history[-1])
+                warning = collapse_warning(history[-1])
+                if warning is not None:
+                    log.write({"step": step, "warning": warning})
+                    console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
             if world.main and (step % config.checkpoint_every == 0 or last):
                 saved = state.save(run_dir, step, history, described, config.keep_checkpoints)
             bar.update(task, completed=step)

@@ -21,8 +21,16 @@ from crossdiff.errors import InputError, error_summary
 WRITABLE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".nrrd")
 NIFTI_HEADER_BYTES = 352  # NIfTI-1 header plus the 4-byte extension flag, before the voxels
 
-# Which fill value a voxel gets when it falls outside the image during resampling.
+# Which fill value a voxel gets when it falls outside the image during resampling. Only CT in
+# Hounsfield units has a negative floor (air); a display-windowed or arbitrary-unit CT is black at 0.
 BACKGROUND = {"CT": -1024.0, "MR": 0.0, "PET": 0.0}
+
+
+def background_value(modality: str | None, units: str | None) -> float:
+    """The value that stands for 'nothing here': -1024 for CT in HU (or of unknown units), else 0."""
+    if modality == "CT" and units not in (None, "HU"):
+        return 0.0
+    return BACKGROUND.get(modality or "", 0.0)
 
 INTERPOLATORS = {
     "linear": sitk.sitkLinear,
@@ -70,6 +78,20 @@ class Geometry:
         """Three letters naming where each axis points, in ITK's convention (identity is 'LPS')."""
         return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(self.direction)
 
+    @property
+    def obliquity_degrees(self) -> float:
+        """Largest angle between an image axis and the patient axis it runs closest to (0 when aligned)."""
+        columns = np.abs(np.array(self.direction).reshape(3, 3))
+        cosines = np.clip(columns.max(axis=0), -1.0, 1.0)
+        return float(np.degrees(np.arccos(cosines)).max())
+
+    def describe_orientation(self) -> str:
+        """The axis code, and how oblique the grid is when it is: the code alone hides a tilt."""
+        angle = self.obliquity_degrees
+        if angle < 0.01:
+            return self.orientation
+        return f"oblique ({angle:.1f} degrees from the patient axes; nearest code {self.orientation})"
+
     def matches(self, other: Geometry, atol: float = 1e-3) -> bool:
         """Same grid up to `atol` mm (spacing, origin) and `atol` in direction cosines."""
         return (
@@ -97,8 +119,12 @@ class Volume:
     """A 3-D image: `array` indexed (z, y, x), its `geometry`, and what it shows.
 
     `modality` is the family that decides intensity handling ('CT', 'MR', 'PET' or None when
-    unknown); `units` names the intensity scale ('HU', 'SUVbw', 'a.u.', ...); `path` is where it was
-    read from, so later errors can name the file.
+    unknown); `units` names the intensity scale ('HU', 'SUVbw', 'display', 'a.u.', ...; see
+    crossdiff.units); `path` is where it was read from, so later errors can name the file.
+    `evidence` says, per decision the reader made ('modality', 'units', 'spacing', ...), why: `info`
+    and `prepare` print it, so no guess stays silent; `warnings` are the decisions a user must check.
+    `planar` marks 2-D images stacked without a known distance between them (PNG slices): metrics then
+    work slice by slice (2-D SSIM) instead of treating the stack as a volume.
     """
 
     array: np.ndarray
@@ -106,6 +132,9 @@ class Volume:
     modality: str | None = None
     units: str | None = None
     path: Path | None = field(default=None, compare=False)
+    evidence: dict[str, str] = field(default_factory=dict, compare=False)
+    warnings: list[str] = field(default_factory=list, compare=False)
+    planar: bool = False
 
     def __post_init__(self) -> None:
         if self.array.shape != self.geometry.shape:
@@ -118,7 +147,7 @@ class Volume:
     @property
     def background(self) -> float:
         """Value that stands for 'nothing here' in this modality (air in CT is -1024 HU)."""
-        return BACKGROUND.get(self.modality or "", 0.0)
+        return background_value(self.modality, self.units)
 
     def with_array(self, array: np.ndarray, **changes: object) -> Volume:
         """A new volume on the same grid, e.g. the normalised or translated version of this one."""
@@ -148,6 +177,36 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     except (OSError, RuntimeError) as error:
         raise InputError(path, f"could not be written ({error_summary(error, last=isinstance(error, RuntimeError))})") from None
     return path
+
+
+PNG_SUFFIX = ".png"
+
+
+def write_png(volume: Volume, path: str | Path, window: tuple[float, float]) -> list[Path]:
+    """Write 8-bit grey PNG: `path` itself for a one-slice volume, else `<stem>-000.png`, ... beside it.
+
+    Grey level = round(255 * clip((value - low) / (high - low), 0, 1)) with `window` = (low, high): PNG
+    holds no physical units and no geometry, so callers must say which window they used. Every file is
+    written atomically; nothing is written unless the window is valid.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    low, high = window
+    if not high > low:
+        raise InputError(path, f"the PNG window must have low < high, not {low:g}, {high:g}")
+    levels = np.round(255.0 * np.clip((volume.array.astype(np.float64) - low) / (high - low), 0.0, 1.0)).astype(np.uint8)
+    if len(levels) == 1:
+        targets = [path]
+    else:
+        targets = [path.with_name(f"{path.name[: -len(PNG_SUFFIX)]}-{i:03d}{PNG_SUFFIX}") for i in range(len(levels))]
+    try:
+        for plane, target in zip(levels, targets):
+            with atomic_path(target) as tmp:
+                Image.fromarray(plane).save(tmp, format="PNG")
+    except OSError as error:
+        raise InputError(path, f"could not be written ({error})") from None
+    return targets
 
 
 def _writable_suffix(path: Path) -> str:
@@ -214,7 +273,7 @@ def resample_to(
         float(fill),
         moving.GetPixelID(),
     )
-    return Volume.from_sitk(resampled, volume.modality, volume.units, volume.path)
+    return volume.with_array(sitk.GetArrayFromImage(resampled), geometry=Geometry.of(resampled))
 
 
 def _same_grid_copy(volume: Volume, interpolation: str) -> Volume:

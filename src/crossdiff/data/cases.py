@@ -18,15 +18,15 @@ import numpy as np
 
 from crossdiff.atomic import atomic_path, write_json
 from crossdiff.config_schema import check_preparation, check_section
-from crossdiff.data.manifest import CaseEntry
+from crossdiff.data.manifest import CaseEntry, ref_files
 from crossdiff.errors import InputError
-from crossdiff.intensity import IntensityScaling, fit_scaling
+from crossdiff.intensity import IntensityScaling, default_method, fit_scaling
 from crossdiff.masks import body_mask
 from crossdiff.readers import read_mask, read_volume
-from crossdiff.registration import register
+from crossdiff.registration import SLICE_TRANSFORMS, register_checked, register_slices
 from crossdiff.volumes import Geometry, Volume, coverage, resample_to
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FAMILY_OF_KEY = {"ct": "CT", "sct": "CT", "cbct": "CT", "pet": "PET", "pt": "PET"}
 MR_KEYS = ("mr", "t1", "t1c", "t1n", "t2", "flair", "pd")
 
@@ -45,7 +45,9 @@ class PreparedCase:
     `images` maps a modality key (e.g. 'mr', 'ct') to a float32 array (z, y, x) in [-1, 1], all on
     `geometry`; `mask` (bool, same shape) is True where the body is and every image has data (fields
     of view differ between modalities); `scalings` undo the normalisation per modality.
-    Unpaired datasets hold cases with a single modality.
+    Unpaired datasets hold cases with a single modality. `planar`: the case is a stack of 2-D images
+    without a known distance between them (PNG slices), scored slice by slice. `notes` are the
+    preparation's warnings (e.g. a registration that was not kept), for training records and reports.
     """
 
     case_id: str
@@ -53,11 +55,13 @@ class PreparedCase:
     mask: np.ndarray
     geometry: Geometry
     scalings: dict[str, IntensityScaling] = field(default_factory=dict)
+    planar: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def physical(self, key: str) -> Volume:
         """The image `key` back in physical units (HU, SUV, ...), on the case grid."""
         scaling = self.scalings[key]
-        return Volume(scaling.invert(self.images[key]), self.geometry, family_of(key), scaling.units)
+        return Volume(scaling.invert(self.images[key]), self.geometry, family_of(key), scaling.units, planar=self.planar)
 
 
 @dataclass
@@ -131,13 +135,20 @@ def prepare_cases(
     return prepared
 
 
+def read_modality(entry: CaseEntry, key: str) -> Volume:
+    """One modality of a case, read with the family its key names and the manifest's reading settings."""
+    reading = entry.reading_of(key)
+    return read_volume(entry.images[key], modality=family_of(key), units=reading.units, colour=reading.colour,
+                       key=reading.key)
+
+
 def check_case(case_id: str, entry: CaseEntry, reference: str | None = None) -> list[str]:
     """Read every image, mask and label map of a case; masks must lie on their image's grid.
 
     The body mask belongs to the reference modality (default 'ct' when present, else the first);
     a label map keyed by a modality belongs to that modality. Returns the modality keys read.
     """
-    volumes = {key: read_volume(path, modality=family_of(key)) for key, path in entry.images.items()}
+    volumes = {key: read_modality(entry, key) for key in entry.images}
     if not volumes:
         raise InputError(None, f"case {case_id} lists no images")
     reference_key = reference if reference in volumes else ("ct" if "ct" in volumes else next(iter(volumes)))
@@ -149,7 +160,7 @@ def check_case(case_id: str, entry: CaseEntry, reference: str | None = None) -> 
 
 
 def _prepare_uncached(case_id: str, entry: CaseEntry, keys: list[str], config: PreparationConfig) -> PreparedCase:
-    volumes = {key: read_volume(entry.images[key], modality=family_of(key)) for key in keys}
+    volumes = {key: read_modality(entry, key) for key in keys}
     reference_key = config.reference if config.reference in volumes else keys[0]
     reference = volumes[reference_key]
     given = read_mask(entry.mask, reference) if entry.mask else None
@@ -159,41 +170,52 @@ def _prepare_uncached(case_id: str, entry: CaseEntry, keys: list[str], config: P
         given = resample_to(given, grid, "nearest", 0) if given is not None else None
     mask = (given if given is not None else body_mask(reference)).array.astype(bool)
     aligned = {reference_key: reference}
+    notes = [f"{key}: {warning}" for key, volume in volumes.items() for warning in volume.warnings]
+    body = mask.copy()
     for key, volume in volumes.items():
         if key == reference_key:
             continue
-        aligned[key], field_of_view = _align(volume, reference, config)
+        aligned[key], field_of_view, note = _align(volume, reference, body, config)
         mask &= field_of_view
+        notes += [f"{key}: {note}"] if note else []
     if not mask.any():
-        raise InputError(entry.images[reference_key], f"case {case_id}: the modalities do not overlap inside the body")
+        raise InputError(ref_files(entry.images[reference_key])[0], f"case {case_id}: the modalities do not overlap inside the body")
     scalings = {key: _fit(key, volume, mask, config) for key, volume in aligned.items()}
     images = {key: scalings[key].apply(volume.array) for key, volume in aligned.items()}
-    return PreparedCase(case_id, images, mask, reference.geometry, scalings)
+    return PreparedCase(case_id, images, mask, reference.geometry, scalings, reference.planar, notes)
 
 
-def _align(volume: Volume, reference: Volume, config: PreparationConfig) -> tuple[Volume, np.ndarray]:
-    """Bring `volume` onto the reference grid; return it with the region it actually covers."""
+def _align(
+    volume: Volume, reference: Volume, reference_body: np.ndarray, config: PreparationConfig
+) -> tuple[Volume, np.ndarray, str | None]:
+    """Bring `volume` onto the reference grid; return it, the region it actually covers, and a note
+    when the registration was not kept or (slice-wise) what it achieved."""
     if config.registration == "none":
-        return resample_to(volume, reference), coverage(volume, reference)
-    result = register(reference, volume, transform=config.registration, seed=config.seed)
-    return result.volume, coverage(volume, reference, result.transform)
+        return resample_to(volume, reference), coverage(volume, reference), None
+    if config.registration in SLICE_TRANSFORMS:
+        on_grid = resample_to(volume, reference)
+        moving_body = body_mask(on_grid).array.astype(bool)
+        slices = register_slices(reference, on_grid, reference_body, moving_body, config.registration, config.seed)
+        moved = sum(int(row["kept"]) for row in slices.rows)
+        note = (f"slice-wise {config.registration}: body-mask Dice {slices.dice('before'):.3f} -> "
+                f"{slices.dice('after'):.3f} ({moved} of {len(slices.rows)} slices moved)")
+        return slices.volume, slices.covered & coverage(volume, reference), note
+    checked = register_checked(reference, volume, transform=config.registration, seed=config.seed)
+    return checked.volume, checked.covered, None if checked.kept else checked.describe(f"{config.registration} registration")
 
 
 def _fit(key: str, volume: Volume, mask: np.ndarray, config: PreparationConfig) -> IntensityScaling:
     method = config.scaling.get(key)
-    window = {"ct-window": config.ct_window, "suv": config.suv_window}.get(method or _default_method(volume))
+    window = {"ct-window": config.ct_window, "suv": config.suv_window}.get(method or default_method(volume))
     return fit_scaling(volume, mask, method, window=window, percentiles=config.mr_percentiles)
 
 
-def _default_method(volume: Volume) -> str:
-    return {"CT": "ct-window", "PET": "suv"}.get(volume.modality or "", "percentile")
-
-
 def _cache_key(entry: CaseEntry, keys: list[str], config: PreparationConfig) -> str:
-    """Changes when any input file, the mask or a setting changes."""
-    files = [entry.images[key] for key in keys] + ([entry.mask] if entry.mask else [])
+    """Changes when any input file, the mask, a reading setting or a preparation setting changes."""
+    files = [f for key in keys for f in ref_files(entry.images[key])] + ([entry.mask] if entry.mask else [])
     stamp = [(str(Path(f).resolve()), *_file_stamp(Path(f))) for f in files]
-    payload = json.dumps([CACHE_VERSION, keys, stamp, config.to_dict()], sort_keys=True, default=str)
+    reading = {key: entry.reading_of(key).to_dict() for key in keys}
+    payload = json.dumps([CACHE_VERSION, keys, stamp, reading, config.to_dict()], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -208,7 +230,8 @@ def _save_cached(case: PreparedCase, path: Path) -> None:
     """Metadata first, arrays last: the .npz existing is what marks a complete cache entry."""
     write_json(
         path.with_suffix(".json"),
-        {"geometry": asdict(case.geometry), "scalings": {k: s.to_dict() for k, s in case.scalings.items()}},
+        {"geometry": asdict(case.geometry), "scalings": {k: s.to_dict() for k, s in case.scalings.items()},
+         "planar": case.planar, "notes": case.notes},
     )
     with atomic_path(path) as tmp:
         with tmp.open("wb") as handle:
@@ -222,4 +245,4 @@ def _load_cached(path: Path, case_id: str) -> PreparedCase:
         mask = arrays["mask"]
     geometry = Geometry(**{k: tuple(v) for k, v in meta["geometry"].items()})  # type: ignore[arg-type]
     scalings = {k: IntensityScaling.from_dict(v) for k, v in meta["scalings"].items()}
-    return PreparedCase(case_id, images, mask, geometry, scalings)
+    return PreparedCase(case_id, images, mask, geometry, scalings, bool(meta.get("planar")), list(meta.get("notes", [])))

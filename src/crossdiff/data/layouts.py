@@ -7,34 +7,49 @@ how to recognise it and how to read its cases, so a new layout touches nothing e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from crossdiff.data.manifest import (
     MODALITY_KEY,
     SPLITS,
     CaseEntry,
     Manifest,
+    Reading,
     absolute_path,
     assign_splits,
+    ref_files,
     save_manifest,
 )
+from crossdiff.dicom import has_dicom_marker, series_description
 from crossdiff.errors import CrossdiffError, InputError
-from crossdiff.readers import SLICE_SUFFIXES, VOLUME_SUFFIXES
+from crossdiff.readers import SLICE_SUFFIXES, VOLUME_SUFFIXES, natural_key
 
 IMAGE_SUFFIXES = VOLUME_SUFFIXES + SLICE_SUFFIXES
 FORMATS = ("nifti", "dicom")
 
 
 class Found(NamedTuple):
-    """What a layout reader returns: the cases, and whether folder names fixed their splits."""
+    """What a layout reader returns: the cases, whether folder names fixed their splits, and what the
+    user should know about how cases were formed."""
 
     cases: dict[str, CaseEntry]
     splits_from_folders: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a user may tell a layout reader: the preferred format where a case has both, and the rule
+    that finds the case (patient) in a slice file's name."""
+
+    prefer: str = "nifti"
+    case_pattern: re.Pattern[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ class Layout:
     name: str
     example: str
     detect: Callable[[Path], bool]
-    read: Callable[[Path, str], Found]
+    read: Callable[[Path, Options], Found]
 
 
 # ------------------------------------------------------------------------------- shared helpers
@@ -142,10 +157,10 @@ def _case_in(folder: Path, role_of: RoleOf) -> CaseEntry | None:
     return CaseEntry(slots["image"], slots["mask"].get("mask"), slots["label"])
 
 
-def _case_folders(role_of: RoleOf) -> Callable[[Path, str], Found]:
+def _case_folders(role_of: RoleOf) -> Callable[[Path, Options], Found]:
     """A reader for layouts with one folder per case (at any depth), named after the case."""
 
-    def read(root: Path, prefer: str) -> Found:
+    def read(root: Path, options: Options) -> Found:
         cases: dict[str, CaseEntry] = {}
         for folder in _walk(root):
             case = _case_in(folder, role_of)
@@ -183,19 +198,27 @@ def _detect_pix2pix(root: Path) -> bool:
     return both_sides or any((root / f"{split}{side}").is_dir() for split in SPLITS for side in "AB")
 
 
-def _read_pix2pix(root: Path, prefer: str) -> Found:
-    """Files with one stem in A and B form a paired case; a file on one side only, an unpaired one."""
+def _read_pix2pix(root: Path, options: Options) -> Found:
+    """Files with one stem in A and B form a paired image; a file on one side only, an unpaired one.
+    With a case pattern, the images of one patient (by the pattern) form one case, stacked as slices."""
     cases: dict[str, CaseEntry] = {}
     folders = _pix2pix_folders(root)
+    grouped: dict[str, dict[str, list[Path]]] = {}
+    splits: dict[str, str] = {}
     for split, key, folder in folders:
         for stem, path in _images_in(folder):
-            case = cases.setdefault(stem, CaseEntry({}, split=split or "train"))
-            if case.split != (split or "train"):
-                problem = (
-                    f"case {stem!r} is both in {case.split} and in {split or 'train'}; a case belongs to one split"
-                )
+            cid = _case_of(stem, path, options.case_pattern)
+            if splits.setdefault(cid, split or "train") != (split or "train"):
+                problem = f"case {cid!r} is both in {splits[cid]} and in {split or 'train'}; a case belongs to one split"
                 raise InputError(path, problem)
-            _add(case.images, key, path, folder)
+            grouped.setdefault(cid, {}).setdefault(key, []).append(path)
+    for cid, files in grouped.items():
+        case = CaseEntry({}, split=splits[cid])
+        for key, paths in files.items():
+            if options.case_pattern is None and len(paths) > 1:
+                raise InputError(paths[1], f"two files for {key!r} in case {cid!r}")
+            case.images[key] = paths[0] if len(paths) == 1 else tuple(sorted(paths, key=natural_key))
+        cases[cid] = case
     return Found(cases, any(split is not None for split, _, _ in folders))
 
 
@@ -237,7 +260,7 @@ def _modality_image(folder: Path, prefer: str) -> Path | None:
     return sources[prefer] or next((p for p in sources.values() if p), None)
 
 
-def _read_modality_folders(root: Path, prefer: str) -> Found:
+def _read_modality_folders(root: Path, options: Options) -> Found:
     """Tumour masks in `<MOD>/nifti/mask/` become labels on that modality's grid, not body masks."""
     cases: dict[str, CaseEntry] = {}
     for case_dir in _subfolders(root):
@@ -245,7 +268,7 @@ def _read_modality_folders(root: Path, prefer: str) -> Found:
         keys = _folder_keys([folder.name for folder in folders])
         case = CaseEntry({})
         for folder in folders:
-            image = _modality_image(folder, prefer)
+            image = _modality_image(folder, options.prefer)
             if image is None:
                 continue
             _add(case.images, keys[folder.name], image, case_dir)
@@ -303,7 +326,7 @@ def _detect_flat(root: Path) -> bool:
     return bool(_images_in(root))
 
 
-def _read_flat(root: Path, prefer: str) -> Found:
+def _read_flat(root: Path, options: Options) -> Found:
     """Files whose names differ only by the modality word form one case (BrainT1Slice + BrainProtonDensitySlice)."""
     cases: dict[str, CaseEntry] = {}
     for stem, path in _images_in(root):
@@ -314,6 +337,193 @@ def _read_flat(root: Path, prefer: str) -> Found:
         key, cid = named
         _add(cases.setdefault(cid or root.name, CaseEntry({})).images, key, path, root)
     return Found(cases)
+
+
+# --------------------------------------------------------- slice datasets: one folder per modality
+
+# A slice number at the end of a name: "_slice_045", "-12", " (3)", "z7".
+_TRAILING_NUMBER = re.compile(r"[-_. ]*(?:slice|slc|sl|img|image|z)?[-_. ]*\(?\d+\)?\Z", re.IGNORECASE)
+HASHED_BYTES = 32 << 20  # files compared byte for byte across cases (slices, small volumes)
+_WRAPPERS = 3  # levels of single-child folders (PNG/, images/) skipped below a modality folder
+
+
+def default_case_of(stem: str) -> str | None:
+    """The patient a slice file name tells by crossdiff's default rule: the name without its trailing
+    slice number, when what is left still holds a number of its own ('pat01_slice003' -> 'pat01',
+    'BraTS-GLI-00001-000_45' -> 'BraTS-GLI-00001-000'); None when it does not ('slice_12', '7')."""
+    rest = _TRAILING_NUMBER.sub("", stem).strip("-_. ")
+    return rest if rest != stem and re.search(r"\d", rest) else None
+
+
+def _case_of(stem: str, path: Path, pattern: re.Pattern[str] | None) -> str:
+    """The case of a slice file: by the user's pattern (group 'case', else the first group, else the
+    whole match) when given, else the file is its own case."""
+    if pattern is None:
+        return stem
+    match = pattern.search(stem)
+    if match is None:
+        raise InputError(path, f"its name {stem!r} does not match --case-pattern {pattern.pattern!r}")
+    groups = match.groupdict()
+    cid = groups.get("case") or (match.group(1) if match.groups() else match.group(0))
+    if not cid:
+        raise InputError(path, f"--case-pattern {pattern.pattern!r} gives an empty case id for {stem!r}")
+    return cid
+
+
+def _folder_modality(name: str) -> str | None:
+    """The modality key a folder name tells ('CT' -> ct, 'T1-MRI' -> t1, 'MRI' -> mr), else None."""
+    named = _modality_from_name(name)
+    return named[0] if named is not None else None
+
+
+def _unwrap(folder: Path) -> Path:
+    """Below a modality folder, skip folders that only hold one folder (CT/PNG/ -> CT/PNG/<patients>)."""
+    for _ in range(_WRAPPERS):
+        children = _subfolders(folder)
+        if len(children) != 1 or _images_in(folder):
+            break
+        folder = children[0]
+    return folder
+
+
+def _slice_modality_folders(root: Path) -> dict[str, Path]:
+    """Modality key -> folder holding its patients' slices, when every subfolder of root names one
+    modality and at least two do."""
+    found = {}
+    for folder in _subfolders(root):
+        key = _folder_modality(folder.name)
+        if key is None or key in found:
+            return {}
+        found[key] = _unwrap(folder)
+    return found if len(found) >= 2 else {}
+
+
+def _detect_modality_slices(root: Path) -> bool:
+    folders = _slice_modality_folders(root)
+    return bool(folders) and all(_images_in(f, SLICE_SUFFIXES) or any(_images_in(c, SLICE_SUFFIXES) for c in _subfolders(f))
+                                 for f in folders.values())
+
+
+def _read_modality_slices(root: Path, options: Options) -> Found:
+    """Cases from `<MODALITY>/[PNG/]<patient>/<slices>` (one stack per patient and modality) or from
+    `<MODALITY>/<patient-prefixed slices>` grouped by the case pattern (default: `default_case_of`).
+    The slices of one case must be the same levels in every modality: the same count, and the same
+    names once the modality word is taken out ('CT_PNG (3)' and 'T1_PNG (3)')."""
+    grouped: dict[str, dict[str, list[Path]]] = {}
+    for key, folder in _slice_modality_folders(root).items():
+        for patient in _subfolders(folder):
+            files = [path for _, path in _images_in(patient, SLICE_SUFFIXES)]
+            if files:
+                grouped.setdefault(patient.name, {})[key] = files
+        for stem, path in _images_in(folder, SLICE_SUFFIXES):
+            cid = _case_of(stem, path, options.case_pattern) if options.case_pattern else default_case_of(stem) or stem
+            grouped.setdefault(cid, {}).setdefault(key, []).append(path)
+    cases = {}
+    for cid, by_key in grouped.items():
+        ordered = {key: sorted(files, key=natural_key) for key, files in by_key.items()}
+        _check_same_levels(cid, ordered)
+        cases[cid] = CaseEntry({key: _stack_ref(files) for key, files in ordered.items()})
+    return Found(cases)
+
+
+def _stack_ref(files: list[Path]) -> Path | tuple[Path, ...]:
+    """A patient folder holding just these slices is named by the folder; otherwise by its files."""
+    folder = files[0].parent
+    if all(f.parent == folder for f in files) and len(_images_in(folder, SLICE_SUFFIXES)) == len(files):
+        return folder
+    return tuple(files)
+
+
+def _check_same_levels(cid: str, by_key: dict[str, list[Path]]) -> None:
+    counts = {key: len(files) for key, files in by_key.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{key} {n}" for key, n in counts.items())
+        raise InputError(next(iter(by_key.values()))[0].parent, f"case {cid!r} has different numbers of slices per modality ({listed})")
+    keys = list(by_key)
+    for index, files in enumerate(zip(*by_key.values())):
+        levels = {_level_name(f.name) for f in files}
+        if len(levels) > 1:
+            names = ", ".join(f"{key}: {f.name}" for key, f in zip(keys, files))
+            raise InputError(files[0], f"slice {index + 1} of case {cid!r} is not one level in every modality ({names})")
+
+
+def _level_name(name: str) -> str:
+    """A slice file's name without its modality word and suffix: what must agree across modalities."""
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+    named = _modality_from_name(stem)
+    return (named[1] if named else stem).lower()
+
+
+# ------------------------------------------------------- DICOM studies: one folder per series
+
+
+def _series_folders(case: Path) -> list[Path]:
+    return [d for d in _subfolders(case) if any(p.is_file() and has_dicom_marker(p) for p in sorted(d.iterdir())[:5])]
+
+
+def _detect_series_folders(root: Path) -> bool:
+    return any(len(_series_folders(case)) >= 2 for case in _subfolders(root))
+
+
+def _series_key(folder: Path) -> str:
+    """The modality key of a series folder: from its name (t2_image -> t2), else its SeriesDescription,
+    else its DICOM Modality; refused when none tells one."""
+    named = _folder_modality(folder.name)
+    if named:
+        return named
+    label = series_description(folder)
+    if label is not None:
+        modality, description = label
+        return _folder_modality(description) or FOLDER_MODALITIES.get(modality.lower(), "mr" if modality == "MR" else "")
+    raise InputError(folder, "cannot tell this series' modality: neither its folder name nor its SeriesDescription "
+                             "names one (rename the folder, e.g. t2_image, ct)")
+
+
+def _read_series_folders(root: Path, options: Options) -> Found:
+    cases: dict[str, CaseEntry] = {}
+    notes = []
+    for case_dir in _subfolders(root):
+        folders = _series_folders(case_dir)
+        if not folders:
+            continue
+        case = CaseEntry({})
+        for folder in folders:
+            key = _series_key(folder)
+            if not key:
+                raise InputError(folder, "cannot tell this series' modality from its name, description or Modality tag")
+            _add(case.images, key, folder, case_dir)
+            notes.append(f"{case_dir.name}/{folder.name} -> {key}")
+        cases[case_dir.name] = case
+    return Found(cases, notes=tuple(notes[:6]) + (("...",) if len(notes) > 6 else ()))
+
+
+# ------------------------------------------------------------ cases that look like one patient
+
+
+def same_patient_notes(cases: dict[str, CaseEntry]) -> list[str]:
+    """Warnings for case ids that look like slices of one patient ('pat01_003', 'pat01_004') and for
+    cases holding byte-identical files: a split by case would put one patient on both sides."""
+    notes = []
+    by_root: dict[str, list[str]] = {}
+    for cid in cases:
+        root = default_case_of(cid)
+        if root is not None:
+            by_root.setdefault(root, []).append(cid)
+    for root, ids in sorted(by_root.items()):
+        if len(ids) > 1:
+            notes.append(f"cases {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''} ({len(ids)}) look like slices of one "
+                         f"patient {root!r}: a split by case may put that patient on both sides; group them with "
+                         r"--case-pattern (e.g. '(?P<case>.+)_\d+$')")
+    owners: dict[str, str] = {}
+    for cid, case in cases.items():
+        for _, path in case.files():
+            if path.is_file() and path.stat().st_size <= HASHED_BYTES:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                if digest in owners and owners[digest] != cid:
+                    notes.append(f"cases {owners[digest]!r} and {cid!r} hold an identical file ({path.name}): the same "
+                                 "patient twice, or a copied image")
+                owners.setdefault(digest, cid)
+    return notes
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -338,6 +548,20 @@ LAYOUTS = (
         "tumour masks in .../nifti/mask/",
         _detect_modality_folders,
         _read_modality_folders,
+    ),
+    Layout(
+        "series-folders",
+        "<case>/<series folder>/*.dcm per series, named by contrast (t2_image/, adc_image/) or by its "
+        "SeriesDescription",
+        _detect_series_folders,
+        _read_series_folders,
+    ),
+    Layout(
+        "modality-slices",
+        "<MODALITY>/[PNG/]<patient>/<slices> (CT/, T1-MRI/, T2-MRI/), or <MODALITY>/<patient-prefixed slices> "
+        "(--case-pattern), slice k the same level in every modality",
+        _detect_modality_slices,
+        _read_modality_slices,
     ),
     Layout(
         "brats",
@@ -389,19 +613,35 @@ def detect_layout(root: str | Path) -> str:
     return _detect(_dataset_root(root)).name
 
 
+@dataclass
+class Scan:
+    """What scanning a dataset found: the manifest, the layout used, whether folders fixed the splits,
+    and notes for the user (how cases were formed, cases that look like one patient)."""
+
+    manifest: Manifest
+    layout: str
+    splits_from_folders: bool
+    notes: list[str]
+
+
 def scan(
-    root: str | Path, layout: str | None = None, prefer: str = "nifti", names: dict[str, str] | None = None
+    root: str | Path, layout: str | None = None, prefer: str = "nifti", names: dict[str, str] | None = None,
+    case_pattern: str | None = None,
 ) -> Manifest:
     """A manifest of every case under `root`; splits are 'train' unless the layout names them."""
-    return _scan(root, layout, prefer, names)[0]
+    return scan_dataset(root, layout, prefer, names, case_pattern).manifest
 
 
-def _scan(root: str | Path, layout: str | None, prefer: str, names: dict[str, str] | None) -> tuple[Manifest, bool]:
+def scan_dataset(
+    root: str | Path, layout: str | None = None, prefer: str = "nifti", names: dict[str, str] | None = None,
+    case_pattern: str | None = None,
+) -> Scan:
     root = _dataset_root(root)
     if prefer not in FORMATS:
         raise CrossdiffError(f"prefer must be one of {', '.join(FORMATS)}, not {prefer!r}")
+    options = Options(prefer, _compiled(case_pattern))
     chosen = _layout_named(layout) if layout else _detect(root)
-    found = chosen.read(root, prefer)
+    found = chosen.read(root, options)
     if not found.cases:
         raise InputError(root, f"no case with an image found as layout {chosen.name} ({chosen.example})")
     cases = dict(sorted(found.cases.items()))
@@ -409,7 +649,17 @@ def _scan(root: str | Path, layout: str | None, prefer: str, names: dict[str, st
         _rename(cases, names, root)
     cases = {cid: _sorted_keys(case) for cid, case in cases.items()}
     _check_keys(cases, root)
-    return Manifest(cases), found.splits_from_folders
+    notes = list(found.notes) + same_patient_notes(cases)
+    return Scan(Manifest(cases), chosen.name, found.splits_from_folders, notes)
+
+
+def _compiled(pattern: str | None) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise CrossdiffError(f"--case-pattern {pattern!r} is not a valid regular expression ({error})") from None
 
 
 def _sorted_keys(case: CaseEntry) -> CaseEntry:
@@ -445,7 +695,12 @@ def _check_keys(cases: dict[str, CaseEntry], root: Path) -> None:
         raise InputError(root, f"modality name(s) {', '.join(bad)} are not {rule}; rename them with names={{...}}")
 
 
-def prepare_manifest(
+def prepare_manifest(root: str | Path, out: str | Path, **options: Any) -> Manifest:
+    """`prepare_dataset`, returning just the manifest it wrote."""
+    return prepare_dataset(root, out, **options).manifest
+
+
+def prepare_dataset(
     root: str | Path,
     out: str | Path,
     layout: str | None = None,
@@ -455,21 +710,82 @@ def prepare_manifest(
     seed: int = 0,
     names: dict[str, str] | None = None,
     check_readable: bool = False,
-) -> Manifest:
-    """Scan `root`, split it by case, optionally read every file, and write the manifest to `out`.
+    case_pattern: str | None = None,
+    units: dict[str, str] | None = None,
+) -> Prepared:
+    """Scan `root`, split it by case, decide how each modality is read, optionally read every file,
+    and write the manifest to `out`.
 
-    Splits named by the layout's folders (trainA/testA) are kept as they are and `val`/`test` are
-    then not applied; otherwise cases are drawn with `assign_splits(val, test, seed)`.
+    Splits named by the layout's folders (trainA/testA) are kept; `val` then carves validation cases
+    out of their training cases (by case) and `test` is not applied, which the notes say. Reading
+    decisions (units, from one file of each modality; `units` overrides them) go into the manifest's
+    "modalities" section with their reasons.
     """
-    manifest, splits_from_folders = _scan(root, layout, prefer, names)
-    if not splits_from_folders:
+    found = scan_dataset(root, layout, prefer, names, case_pattern)
+    manifest, notes = found.manifest, list(found.notes)
+    if found.splits_from_folders:
+        fixed = {cid: case.split for cid, case in manifest.cases.items() if case.split != "train"}
+        if test:
+            notes.append(f"the folders name the splits: --test {test:g} is not applied")
+        if val:
+            splits = assign_splits(manifest.cases, val=val, test=0.0, seed=seed, fixed=fixed)
+            carved = sorted(cid for cid, split in splits.items() if split == "val" and cid not in fixed)
+            notes.append(f"--val {val:g}: {len(carved)} training case(s) moved to validation ({', '.join(carved[:5])})")
+            for cid, split in splits.items():
+                manifest.cases[cid].split = split
+    else:
         splits = assign_splits(manifest.cases, val=val, test=test, seed=seed)
         for cid, split in splits.items():
             manifest.cases[cid].split = split
+    decisions = decide_reading(manifest, units or {})
+    manifest = Manifest(manifest.cases, {key: decision.reading for key, decision in decisions.items()})
     if check_readable:
         _check_readable(manifest)
     save_manifest(manifest, out)
-    return manifest
+    return Prepared(manifest, found.layout, decisions, notes)
+
+
+@dataclass(frozen=True)
+class ModalityDecision:
+    """How `prepare` will have a modality read: family, units with the reason, from which file."""
+
+    family: str | None
+    reading: Reading
+    example: Path
+    warning: bool
+
+
+@dataclass
+class Prepared:
+    manifest: Manifest
+    layout: str
+    decisions: dict[str, ModalityDecision]
+    notes: list[str]
+
+
+def decide_reading(manifest: Manifest, units: dict[str, str]) -> dict[str, ModalityDecision]:
+    """Read one file of each modality (the first case holding it) to decide its units, or take the
+    user's `units`; the decision is written into the manifest so training and evaluation use it."""
+    from crossdiff.data.cases import family_of
+    from crossdiff.readers import read_volume
+    from crossdiff.units import check_units
+
+    unknown = sorted(set(units) - set(manifest.modalities()))
+    if unknown:
+        raise CrossdiffError(f"--units names {', '.join(unknown)}, not modalities of this dataset ({', '.join(manifest.modalities())})")
+    decisions = {}
+    for key in manifest.modalities():
+        cid = manifest.cases_with(key)[0]
+        ref = manifest.cases[cid].images[key]
+        example = ref_files(ref)[0]
+        if key in units:
+            chosen = check_units(units[key], f"--units {key}")
+            decisions[key] = ModalityDecision(family_of(key), Reading(chosen, why=f"{chosen}, as given (--units)"), example, False)
+            continue
+        volume = read_volume(ref, modality=family_of(key))
+        why = f"{volume.evidence.get('units', '')} (read from case {cid}); modality {volume.evidence.get('modality', '')}"
+        decisions[key] = ModalityDecision(volume.modality, Reading(volume.units, why=why), example, bool(volume.warnings))
+    return decisions
 
 
 def _check_readable(manifest: Manifest) -> None:

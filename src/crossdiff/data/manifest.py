@@ -4,6 +4,10 @@ The manifest is the one place where "what is the data" is written down, so train
 reports all see the same cases and the same splits. Paths below the manifest's folder are stored
 relative to it, so a dataset moved together with its manifest stays valid. Modality keys are
 lowercase canonical names (ct, mr, pet, cbct, t1, t1c, t2, flair, pd; a/b for unnamed pix2pix sides).
+An image is one file or folder, or a list of 2-D slice files that form one case (a slice dataset
+whose patient is in the file names). The optional top-level "modalities" section says how to read
+each modality where the files leave it open ({"ct": {"units": "display"}}); `prepare` writes what it
+decided there, with the reason, so the decision is visible and can be changed.
 """
 
 from __future__ import annotations
@@ -32,31 +36,67 @@ MANIFEST_VERSION = 1
 LABEL_PREFIX = "label:"
 CASE_FIELDS = ("split", "images", "mask", "labels")
 MODALITY_KEY = re.compile(r"[a-z][a-z0-9_]*\Z")
+CSV_LIST_SEPARATOR = "|"  # slice files of one case in one CSV cell ('|' is not allowed in Windows names)
+READING_FIELDS = ("units", "colour", "key", "why")
+
+ImageRef = Path | tuple[Path, ...]  # a file or folder, or the slice files of one case in stacking order
+
+
+def ref_files(ref: ImageRef) -> list[Path]:
+    """The files (or folder) an image entry names."""
+    return list(ref) if isinstance(ref, tuple) else [ref]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How to read one modality's files where they leave it open: `units` (crossdiff.units), `colour`
+    ('refuse' or 'luminance', for colour images), `key` (the variable of a .npz/.mat); `why` records the
+    reason `prepare` gave for its decision (documentation only)."""
+
+    units: str | None = None
+    colour: str = "refuse"
+    key: str | None = None
+    why: str | None = None
+
+    def to_dict(self) -> dict[str, str]:
+        return {name: value for name in READING_FIELDS if (value := getattr(self, name)) is not None and
+                (name != "colour" or value != "refuse")}
 
 
 @dataclass
 class CaseEntry:
     """The files of one subject. `labels` are label maps (e.g. tumour masks) keyed by the image
-    whose grid they share; `mask` is a body mask on the reference image's grid (as SynthRAD ships it)."""
+    whose grid they share; `mask` is a body mask on the reference image's grid (as SynthRAD ships it).
+    `reading` holds the manifest's per-modality reading settings (shared by every case)."""
 
-    images: dict[str, Path]
+    images: dict[str, ImageRef]
     mask: Path | None = None
     labels: dict[str, Path] = field(default_factory=dict)
     split: str = "train"
+    reading: dict[str, Reading] = field(default_factory=dict, compare=False)
 
     def files(self) -> Iterator[tuple[str, Path]]:
         """Every file with the field it comes from, so checks can name both."""
-        yield from ((f"images.{key}", path) for key, path in self.images.items())
+        yield from ((f"images.{key}", path) for key, ref in self.images.items() for path in ref_files(ref))
         if self.mask is not None:
             yield "mask", self.mask
         yield from ((f"labels.{key}", path) for key, path in self.labels.items())
 
+    def reading_of(self, key: str) -> Reading:
+        return self.reading.get(key, Reading())
+
 
 @dataclass
 class Manifest:
-    """Cases by id, in a stable order; unpaired datasets hold single-modality cases."""
+    """Cases by id, in a stable order; unpaired datasets hold single-modality cases. `reading` (per
+    modality key) is shared with every case entry, so code holding one entry reads its files right."""
 
     cases: dict[str, CaseEntry] = field(default_factory=dict)
+    reading: dict[str, Reading] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for case in self.cases.values():
+            case.reading = self.reading
 
     def modalities(self) -> list[str]:
         return sorted({key for case in self.cases.values() for key in case.images})
@@ -113,30 +153,46 @@ def _to_json(manifest: Manifest, folder: Path) -> dict[str, Any]:
     def entry(case: CaseEntry) -> dict[str, Any]:
         return {
             "split": case.split,
-            "images": {key: _stored(p, folder) for key, p in case.images.items()},
+            "images": {key: _stored_ref(ref, folder) for key, ref in case.images.items()},
             "mask": None if case.mask is None else _stored(case.mask, folder),
             "labels": {key: _stored(p, folder) for key, p in case.labels.items()},
         }
 
     cases = {cid: entry(case) for cid, case in manifest.cases.items()}
-    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "cases": cases}
+    document: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION}
+    if manifest.reading:
+        document["modalities"] = {key: reading.to_dict() for key, reading in sorted(manifest.reading.items())}
+    return document | {"cases": cases}
+
+
+def _stored_ref(ref: ImageRef, folder: Path) -> str | list[str]:
+    return [_stored(p, folder) for p in ref] if isinstance(ref, tuple) else _stored(ref, folder)
 
 
 def _to_csv(manifest: Manifest, folder: Path) -> str:
     label_keys = sorted({key for case in manifest.cases.values() for key in case.labels})
     modalities = manifest.modalities()
+    reading = [(f"{name}:{key}", value) for key, settings in sorted(manifest.reading.items())
+               for name, value in settings.to_dict().items() if name != "why"]
     stream = io.StringIO()
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(["case", "split", "mask", *modalities, *(LABEL_PREFIX + k for k in label_keys)])
+    header = ["case", "split", "mask", *modalities, *(LABEL_PREFIX + k for k in label_keys), *(c for c, _ in reading)]
+    writer.writerow(header)
     for cid, case in manifest.cases.items():
-        images = [_cell(case.images.get(key), folder) for key in modalities]
+        images = [_image_cell(case.images.get(key), folder) for key in modalities]
         labels = [_cell(case.labels.get(key), folder) for key in label_keys]
-        writer.writerow([cid, case.split, _cell(case.mask, folder), *images, *labels])
+        writer.writerow([cid, case.split, _cell(case.mask, folder), *images, *labels, *(v for _, v in reading)])
     return stream.getvalue()
 
 
 def _cell(path: Path | None, folder: Path) -> str:
     return "" if path is None else _stored(path, folder)
+
+
+def _image_cell(ref: ImageRef | None, folder: Path) -> str:
+    if isinstance(ref, tuple):
+        return CSV_LIST_SEPARATOR.join(_stored(p, folder) for p in ref)
+    return _cell(ref, folder)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -151,14 +207,14 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     path = Path(path)
     if not os.path.lexists(path):  # lexists, unlike Path.is_file, never raises (a name too long is 'not found')
         raise InputError(path, "manifest not found (make one with `crossdiff prepare DATA_DIR --out FILE`)")
-    records = _read_csv(path) if _is_csv(path) else _read_json(path)
-    manifest = Manifest(_parse_cases(path, records, absolute_path(path).parent))
+    records, reading = _read_csv(path) if _is_csv(path) else _read_json(path)
+    manifest = Manifest(_parse_cases(path, records, absolute_path(path).parent), _parse_reading(path, reading))
     if check_files:
         _check_files_exist(path, manifest)
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> tuple[dict[str, Any], Any]:
     document = read_json(path, "manifest", object_pairs_hook=_refuse_duplicate_keys)
     if not isinstance(document, dict) or not isinstance(document.get("cases"), dict):
         raise InputError(path, 'manifest must be a JSON object with "cases": {case id: {...}}')
@@ -168,7 +224,35 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InputError(
             path, f"manifest version {document['version']!r} is not supported (expected {MANIFEST_VERSION})"
         )
-    return document["cases"]
+    return document["cases"], document.get("modalities", {})
+
+
+def _parse_reading(path: Path, section: Any) -> dict[str, Reading]:
+    """The "modalities" section: {key: {units, colour, key, why}}, each value checked."""
+    from crossdiff.readers import COLOUR_CHOICES
+    from crossdiff.units import check_units
+
+    if not isinstance(section, dict):
+        raise InputError(path, f'"modalities" must map modality keys to reading settings, got {type(section).__name__}')
+    reading = {}
+    for key, settings in section.items():
+        where = f"modalities.{key}"
+        if not isinstance(settings, dict):
+            raise InputError(path, f"{where}: expected an object like {{\"units\": \"HU\"}}, got {settings!r}")
+        unknown = sorted(set(settings) - set(READING_FIELDS))
+        if unknown:
+            raise InputError(path, f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(READING_FIELDS)}")
+        if any(not isinstance(value, str) for value in settings.values()):
+            raise InputError(path, f"{where}: every setting must be a string")
+        try:
+            units = check_units(settings["units"], where) if "units" in settings else None
+        except CrossdiffError as error:
+            raise InputError(path, str(error)) from None
+        colour = settings.get("colour", "refuse")
+        if colour not in COLOUR_CHOICES:
+            raise InputError(path, f"{where}.colour: {colour!r} is not one of {', '.join(COLOUR_CHOICES)}")
+        reading[key] = Reading(units, colour, settings.get("key"), settings.get("why"))
+    return reading
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -180,8 +264,9 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _read_csv(path: Path) -> dict[str, dict[str, Any]]:
-    """Turn CSV rows into the same records as the JSON form, so one validator serves both."""
+def _read_csv(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, str]]]:
+    """Turn CSV rows into the same records as the JSON form, so one validator serves both; reading
+    settings come from `units:<key>` (`colour:<key>`, `key:<key>`) columns, one value per column."""
     text = read_text(path, "manifest")
     try:
         rows = list(csv.DictReader(io.StringIO(text)))
@@ -199,13 +284,29 @@ def _read_csv(path: Path) -> dict[str, dict[str, Any]]:
             problem = "has no case id" if not cid else f"repeats case {cid!r}"
             raise InputError(path, f"line {line} {problem}")
         records[cid] = _csv_record(row)
-    return records
+    return records, _csv_reading(path, rows)
+
+
+def _csv_reading(path: Path, rows: list[dict[str, str | None]]) -> dict[str, dict[str, str]]:
+    reading: dict[str, dict[str, str]] = {}
+    for column in rows[0] if rows else []:
+        field_name, _, key = (column or "").partition(":")
+        if field_name not in READING_FIELDS or not key:
+            continue
+        values = {(row.get(column) or "").strip() for row in rows} - {""}
+        if len(values) > 1:
+            raise InputError(path, f"column {column} must hold one value for every case, not {', '.join(sorted(values))}")
+        if values:
+            reading.setdefault(key, {})[field_name] = values.pop()
+    return reading
 
 
 def _csv_record(row: dict[str, str | None]) -> dict[str, Any]:
     cells = {column: (value or "").strip() for column, value in row.items() if column is not None}
-    images = {
-        c: v for c, v in cells.items() if v and c not in ("case", "split", "mask") and not c.startswith(LABEL_PREFIX)
+    images: dict[str, Any] = {
+        c: v.split(CSV_LIST_SEPARATOR) if CSV_LIST_SEPARATOR in v else v
+        for c, v in cells.items()
+        if v and c not in ("case", "split", "mask") and not c.startswith(LABEL_PREFIX) and ":" not in c
     }
     labels = {c[len(LABEL_PREFIX) :]: v for c, v in cells.items() if v and c.startswith(LABEL_PREFIX)}
     return {"split": cells["split"], "images": images, "mask": cells.get("mask") or None, "labels": labels}
@@ -233,7 +334,7 @@ def _parse_case(path: Path, cid: str, record: Any, folder: Path) -> CaseEntry:
     if split not in SPLITS:
         found = "missing 'split'" if split is None else f"split {split!r} is unknown"
         raise InputError(path, f"{where}: {found}; use one of {', '.join(SPLITS)}")
-    images = _parse_paths(path, f"{where} images", record["images"], folder)
+    images = _parse_paths(path, f"{where} images", record["images"], folder, lists=True)
     if not images:
         raise InputError(path, f"{where}: 'images' is empty; a case needs at least one image")
     mask = record.get("mask")
@@ -243,15 +344,22 @@ def _parse_case(path: Path, cid: str, record: Any, folder: Path) -> CaseEntry:
     return CaseEntry(images, None if mask is None else _resolve(mask, folder), labels, split)
 
 
-def _parse_paths(path: Path, where: str, mapping: Any, folder: Path) -> dict[str, Path]:
+def _parse_paths(path: Path, where: str, mapping: Any, folder: Path, lists: bool = False) -> dict[str, Any]:
+    """Modality key -> file; with `lists`, a non-empty list of slice files is an image too."""
     if not isinstance(mapping, dict):
         raise InputError(path, f"{where}: expected a mapping from modality to file, got {type(mapping).__name__}")
+    parsed: dict[str, Any] = {}
     for key, value in mapping.items():
-        if not MODALITY_KEY.match(key):
+        if not isinstance(key, str) or not MODALITY_KEY.match(key):
             raise InputError(path, f"{where}: key {key!r} must be lowercase letters, digits or '_' (e.g. ct, mr, t1c)")
-        if not isinstance(value, str) or not value:
-            raise InputError(path, f"{where}.{key}: expected a file path, got {value!r}")
-    return {key: _resolve(value, folder) for key, value in mapping.items()}
+        if lists and isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            parsed[key] = tuple(_resolve(v, folder) for v in value)
+        elif isinstance(value, str) and value:
+            parsed[key] = _resolve(value, folder)
+        else:
+            expected = "a file path or a list of slice files" if lists else "a file path"
+            raise InputError(path, f"{where}.{key}: expected {expected}, got {value!r}")
+    return parsed
 
 
 def _resolve(text: str, folder: Path) -> Path:

@@ -46,6 +46,9 @@ class SliceConfig:
     min_mask_fraction: slices whose mask covers less of the slice are skipped (0 keeps every slice).
     flip_h, flip_v: flip probabilities; rotation: largest rotation in degrees either way;
       scale: range of the magnification; all only when a dataset is built with augment=True.
+    crop: (h, w) random patches of the fitted slice for training (patch training, as nnU-Net does:
+      full-size slices cost too much per step on a CPU, and convolutional networks translate whole
+      slices anyway); None trains on whole slices. Validation and translation always see whole slices.
     """
 
     axis: int = 0
@@ -58,10 +61,13 @@ class SliceConfig:
     rotation: float = 10.0
     scale: tuple[float, float] = (0.9, 1.1)
     seed: int = 0
+    crop: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.size = (int(self.size[0]), int(self.size[1]))
         self.scale = (float(self.scale[0]), float(self.scale[1]))
+        if self.crop is not None:
+            self.crop = (int(self.crop[0]), int(self.crop[1]))
         problems = [text for ok, text in self._checks() if not ok]
         if problems:
             raise CrossdiffError("invalid slice configuration: " + "; ".join(problems))
@@ -77,6 +83,8 @@ class SliceConfig:
             (self.rotation >= 0.0, f"rotation must be >= 0 degrees, not {self.rotation}"),
             (0.0 < self.scale[0] <= self.scale[1], f"scale must be (low, high) with 0 < low <= high, not {self.scale}"),
             (self.seed >= 0, f"seed must be >= 0, not {self.seed}"),
+            (self.crop is None or (0 < self.crop[0] <= self.size[0] and 0 < self.crop[1] <= self.size[1]),
+             f"crop must be None or (h, w) within size {self.size}, not {self.crop}"),
         ]
 
     @property
@@ -131,9 +139,10 @@ def unfit_slice(array: Array, original_shape: tuple[int, int], config: SliceConf
 class _SliceDataset(Dataset):
     """What paired and unpaired slice datasets share: the configuration, the epoch and the seeding."""
 
-    def __init__(self, config: SliceConfig, augment: bool) -> None:
+    def __init__(self, config: SliceConfig, augment: bool, crop: bool = True) -> None:
         self.config = config
         self.augment = augment
+        self.crop = crop and augment and config.crop is not None  # patches for training only
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -152,7 +161,8 @@ class _SliceDataset(Dataset):
         cover = fit_slice(torch.from_numpy(mask.astype(np.float32)), self.config, kind="mask")
         if not self.augment:
             return stack, cover
-        return _augment(stack, cover, _draw_augmentation(rng, self.config))
+        stack, cover = _augment(stack, cover, _draw_augmentation(rng, self.config))
+        return _random_crop(stack, cover, self.config.crop, rng) if self.crop else (stack, cover)
 
     def _pair(self, case: PreparedCase, index: int, source: str, target: str, i: int) -> dict[str, object]:
         """Item i: slice `index` of `source` (with context) and of `target`, moved together with the mask."""
@@ -166,13 +176,14 @@ class PairedSliceDataset(_SliceDataset):
     """Aligned source/target slices of the same cases (for pix2pix, conditional diffusion, ...).
 
     Item i: 'source' (2k+1, H, W), 'target' (1, H, W), 'mask' (1, H, W) of 0/1 floats, 'case' id and
-    'index' of the slice; one random flip/rotation/scale moves all three.
+    'index' of the slice; one random flip/rotation/scale (and patch, with `config.crop` and `crop`) moves all three.
     """
 
     def __init__(
-        self, cases: Sequence[PreparedCase], source: str, target: str, config: SliceConfig, augment: bool = False
+        self, cases: Sequence[PreparedCase], source: str, target: str, config: SliceConfig, augment: bool = False,
+        crop: bool = True,
     ) -> None:
-        super().__init__(config, augment)
+        super().__init__(config, augment, crop)
         self.source, self.target = source, target
         self.slices = _kept_slices(cases, (source, target), config)
 
@@ -353,6 +364,24 @@ def _augment(images: torch.Tensor, mask: torch.Tensor, aug: _Augmentation) -> tu
     shifted = F.grid_sample((images - fill)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     mask = F.grid_sample(mask[None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]
     return shifted[0] + fill, mask
+
+
+def _random_crop(
+    images: torch.Tensor, mask: torch.Tensor, size: tuple[int, int] | None, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (h, w) patch of images and mask, centred on a random mask pixel (a random place if the mask is
+    empty), kept inside the slice: patches of air teach nothing."""
+    assert size is not None
+    height, width = images.shape[-2:]
+    inside = torch.nonzero(mask[0] > 0.5)
+    if len(inside):
+        row, col = (int(v) for v in inside[int(rng.integers(len(inside)))])
+    else:
+        row, col = int(rng.integers(height)), int(rng.integers(width))
+    top = min(max(row - size[0] // 2, 0), height - size[0])
+    left = min(max(col - size[1] // 2, 0), width - size[1])
+    window = (..., slice(top, top + size[0]), slice(left, left + size[1]))
+    return images[window], mask[window]
 
 
 def _affine_grid(aug: _Augmentation, shape: tuple[int, int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ A config with several targets gets this layout once per target, in OUT/TARGET/; 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,7 @@ from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.benchmark_config import LEAVE_ONE_OUT, BenchmarkConfig, MethodEntry
 from crossdiff.evaluation.cost import measure, parameter_count, training_seconds_per_step
 from crossdiff.evaluation.evaluate import plain_json
-from crossdiff.evaluation.metrics import case_metrics
+from crossdiff.evaluation.metrics import HU_SCALE, CaseMetrics, Scale, case_metrics, scale_for
 from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
 from crossdiff.evaluation.robustness import noise_robustness
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
@@ -83,30 +84,49 @@ class MethodInfo:
 
 @dataclass(frozen=True)
 class BenchmarkResult:
+    """Everything a report needs; `scale` is how the target was scored (HU, or [0, 1] by a display range or
+    the reference percentiles), `planar` whether cases are 2-D slice stacks (SSIM per slice)."""
+
     config: BenchmarkConfig
     out: Path
     folds: dict[str, list[str]]
     runs: list[CaseRun]
     methods: dict[str, MethodInfo]
-    hounsfield: bool
+    scale: Scale = HU_SCALE
+    planar: bool = False
+
+    @property
+    def hounsfield(self) -> bool:
+        return self.scale.hounsfield
 
 
-def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print) -> list[BenchmarkResult]:
-    """One result per target of the config: OUT itself for one target, OUT/TARGET for several."""
+def run_benchmarks(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
+                   only: list[str] | None = None) -> list[BenchmarkResult]:
+    """One result per target of the config: OUT itself for one target, OUT/TARGET for several. `only` runs just
+    those folds (e.g. two processes sharing one OUT, each on its own folds); a later run without it reuses them."""
     if len(config.targets) == 1:
-        return [run_benchmark(config, out, log)]
-    return [run_benchmark(config.for_target(target), out / target, log, shared=out) for target in config.targets]
+        return [run_benchmark(config, out, log, only=only)]
+    return [run_benchmark(config.for_target(target), out / target, log, shared=out, only=only) for target in config.targets]
 
 
 def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None] = print,
-                  shared: Path | None = None) -> BenchmarkResult:
+                  shared: Path | None = None, only: list[str] | None = None) -> BenchmarkResult:
     """Train, translate and score every (fold, method, held-out case) for config.target, reusing what a
     previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
     manifest = _dataset(config)
     folds = _folds(config, manifest)
+    if config.budget["train_seconds"] is not None:  # timed on the first fold, whichever folds this run does
+        first = next(iter(folds))
+        config = _budgeted(config, _fold_manifest(manifest, folds[first], out / "folds" / first / "manifest.json"),
+                           shared or out, log)
+    if only:
+        unknown = sorted(set(only) - set(folds))
+        if unknown:
+            raise CrossdiffError(f"no fold {', '.join(unknown)}; the folds are {', '.join(folds)}")
+        folds = {name: cases for name, cases in folds.items() if name in only}
     device = resolve_device(config.train["training"].get("device"))
-    hounsfield = family_of(config.target) == "CT"
     runs, methods = [], {}
+    scale, planar = HU_SCALE, False
     for fold, held_out in folds.items():
         fold_manifest = _fold_manifest(manifest, held_out, out / "folds" / fold / "manifest.json")
         for entry in config.methods:
@@ -121,14 +141,17 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             per_step = training_seconds_per_step(run_dir)
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
+            scale = scale_for(family_of(config.target), model.spec.for_target(config.target).target_scaling.units)
             for index, case_id in enumerate(held_out):
                 case = _held_out_case(config, manifest, case_id, model, out)
+                planar = case.reference.planar
+                scoring = Scoring(config.evaluation["metrics"], scale, planar)
                 with_noise = index == 0 and bool(config.evaluation["noise_levels"])
-                run = _case_run(config, entry.name, fold, case, model, out, with_noise, hounsfield, log)
+                run = _case_run(config, entry.name, fold, case, model, out, with_noise, scoring, log)
                 if index == 0 and entry.timing:
                     run = replace(run, timing=_timing(config, entry, case, model, out, log))
                 runs.append(run)
-    return BenchmarkResult(config, out, folds, runs, methods, hounsfield)
+    return BenchmarkResult(config, out, folds, runs, methods, scale, planar)
 
 
 # --------------------------------------------------------------------------------------- data, folds
@@ -148,6 +171,8 @@ def _folds(config: BenchmarkConfig, manifest: Manifest) -> dict[str, list[str]]:
         raise InputError(config.data, f"needs at least two cases with both {config.source} and {config.target}")
     if config.test == LEAVE_ONE_OUT:
         return {case_id: [case_id] for case_id in paired}
+    if isinstance(config.test, int):
+        return _k_folds(config, paired, config.test)
     missing = [case_id for case_id in config.test if case_id not in paired]
     if missing:
         raise InputError(config.path, f"test case(s) {', '.join(missing)} are not cases of {config.data} with both "
@@ -155,6 +180,15 @@ def _folds(config: BenchmarkConfig, manifest: Manifest) -> dict[str, list[str]]:
     if len(config.test) == len(paired):
         raise InputError(config.path, "every case is held out: nothing is left to train on")
     return {"+".join(config.test): list(config.test)}
+
+
+def _k_folds(config: BenchmarkConfig, cases: list[str], folds: int) -> dict[str, list[str]]:
+    """K folds by case: cases ranked by a seeded hash (as manifest splits are), dealt out in turn, so the
+    folds do not depend on file order and sizes differ by at most one."""
+    if folds > len(cases):
+        raise InputError(config.path, f"{folds} folds need at least {folds} cases with both modalities, not {len(cases)}")
+    ranked = sorted(cases, key=lambda cid: hashlib.sha256(f"{config.evaluation['seed']}\0{cid}".encode()).hexdigest())
+    return {f"fold{k + 1}": sorted(ranked[k::folds]) for k in range(folds)}
 
 
 def _fold_manifest(manifest: Manifest, held_out: list[str], path: Path) -> Path:
@@ -174,27 +208,28 @@ def _train(
     run_dir/STAGE); returns the training seconds (None when unknown for a reused or resumed stage)."""
     stages = get_method(entry.method).training_stages
     targets = ",".join(config.targets if every_target else [config.target])
+    sections = config.train_sections(entry)
     total: float | None = 0.0
     previous = None
     for stage in stages or [None]:
         stage_dir = run_dir if stage is None or stage == stages[-1] else run_dir / stage
         options = ["--target", targets] + ([] if stage is None else ["--stage", stage])
-        seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), manifest, stage_dir, options,
-                               previous, log)
+        seconds = _train_stage(config, entry.name, entry.method, entry.stage_config(stage), sections, manifest, stage_dir,
+                               options, previous, log)
         total = None if total is None or seconds is None else total + seconds
         previous = stage_dir
     return total
 
 
 def _train_stage(
-    config: BenchmarkConfig, name: str, method: str, method_config: dict[str, Any], manifest: Path, run_dir: Path,
-    options: list[str], previous: Path | None, log: Callable[[str], None],
+    config: BenchmarkConfig, name: str, method: str, method_config: dict[str, Any], sections: dict[str, dict[str, Any]],
+    manifest: Path, run_dir: Path, options: list[str], previous: Path | None, log: Callable[[str], None],
 ) -> float | None:
     """Train through `crossdiff train` unless a finished run with the same settings is there; resume an
     unfinished one. A stage after the first builds on the `previous` one (cldm's --autoencoder).
     Returns the training seconds (None when they are unknown for a reused run)."""
     record = run_dir / TRAIN_RECORD
-    settings = yaml.safe_dump({"method": method_config, **config.train}, sort_keys=True)
+    settings = yaml.safe_dump({"method": method_config, **sections}, sort_keys=True)
     saved = run_dir / TRAIN_CONFIG
     if saved.is_file() and saved.read_text(encoding="utf-8") != settings:
         raise CrossdiffError(f"{run_dir} was trained with other settings than {config.path} gives now; "
@@ -209,6 +244,55 @@ def _train_stage(
     seconds = None if run.resumed else run.seconds  # a resumed run's earlier part went unmeasured
     write_json(record, {"seconds": seconds, "command": run.command})
     return seconds
+
+
+def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[[str], None]) -> BenchmarkConfig:
+    """Every method gets the same training wall time: its steps = budget x its own steps per second, measured
+    once on `calibration_steps` steps of the first fold (in OUT/budget/, reused by later runs) and recorded,
+    so a rerun trains exactly the same steps. The rate is the last logged one (after warm-up)."""
+    seconds, calibration = float(config.budget["train_seconds"]), int(config.budget["calibration_steps"])
+    entries = []
+    for entry in config.methods:
+        if "steps" in entry.train.get("training", {}):  # the entry says its own steps (e.g. a staged method)
+            entries.append(entry)
+            continue
+        if get_method(entry.method).training_stages:
+            raise InputError(config.path, f"a time budget cannot be split over {entry.method}'s training stages; "
+                                          "give it steps in its own 'train' section instead")
+        record = out / "budget" / f"{entry.name}.json"
+        if not record.is_file():
+            write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration, log))
+        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_s"])
+        steps = max(1, int(seconds * rate))
+        log(f"budget: {entry.name} runs {rate:.3g} steps/s: {steps} steps in {seconds:g} s")
+        entries.append(replace(entry, train=_merge_sections(entry.train, {"training": {"steps": steps}})))
+    return replace(config, methods=entries)
+
+
+def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_dir: Path, steps: int,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Train `steps` steps in a throw-away run and read the steps per second of its last log interval."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    sections = _merge_sections(config.train_sections(entry), {"training": {
+        "steps": steps, "log_every": max(1, steps // 2), "validate": False, "checkpoint_every": steps}})
+    settings = run_dir / TRAIN_CONFIG
+    write_text(settings, yaml.safe_dump({"method": entry.config, **sections}, sort_keys=True))
+    log(f"budget: timing {entry.name} on {steps} steps")
+    run = train_with_command(entry.method, manifest, run_dir, settings, ["--source", config.source, "--target", config.target])
+    rates = [row["steps_per_s"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "steps_per_s" in row]
+    if not rates:
+        raise CrossdiffError(f"timing {entry.name} in {run_dir} logged no speed")
+    return {"steps_per_s": rates[-1], "calibration_steps": steps, "command": run.command}
+
+
+def _merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {key: dict(value) for key, value in base.items()}
+    for key, value in overrides.items():
+        merged[key] = {**merged.get(key, {}), **value}
+    return merged
 
 
 # --------------------------------------------------------------------------------------- held-out cases
@@ -261,15 +345,31 @@ def _slab(volume: Volume, start: int, stop: int) -> Volume:
     direction = np.array(g.direction).reshape(3, 3)
     origin = tuple(float(v) for v in np.array(g.origin) + direction[:, 2] * g.spacing[2] * start)
     geometry = Geometry((g.size[0], g.size[1], stop - start), g.spacing, origin, g.direction)  # type: ignore[arg-type]
-    return Volume(np.ascontiguousarray(volume.array[start:stop]), geometry, volume.modality, volume.units)
+    return Volume(np.ascontiguousarray(volume.array[start:stop]), geometry, volume.modality, volume.units,
+                  planar=volume.planar)
 
 
 # ------------------------------------------------------------------------------- translation, scoring
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """One scoring rule for every prediction of a benchmark: standard, scale, and 2-D or 3-D SSIM."""
+
+    standard: str
+    scale: Scale
+    planar: bool
+
+    def __call__(self, reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> CaseMetrics:
+        return case_metrics(reference, prediction, mask, self.standard, scale=self.scale, planar=self.planar)
+
+    def values(self, reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+        return self(reference, prediction, mask).values
+
+
 def _case_run(
     config: BenchmarkConfig, name: str, fold: str, case: HeldOutCase, model: LoadedModel, out: Path,
-    with_noise: bool, hounsfield: bool, log: Callable[[str], None],
+    with_noise: bool, scoring: Scoring, log: Callable[[str], None],
 ) -> CaseRun:
     record = out / "records" / name / f"{case.case_id}.json"
     if record.is_file():
@@ -277,14 +377,14 @@ def _case_run(
         saved = json.loads(record.read_text(encoding="utf-8"))
     else:
         log(f"translating {case.case_id} with {name}")
-        saved = _translate_and_score(config, name, case, model, out, hounsfield)
+        saved = _translate_and_score(config, name, case, model, out, scoring)
         write_json(record, plain_json(saved))
-    noise = _noise(config, name, case, model, out, hounsfield, log) if with_noise else None
+    noise = _noise(config, name, case, model, out, scoring, log) if with_noise else None
     return CaseRun(name, fold, case.case_id, saved["metrics"], saved["slices"], saved["cost"], saved["variability"], noise)
 
 
 def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path,
-                         hounsfield: bool) -> dict[str, Any]:
+                         scoring: Scoring) -> dict[str, Any]:
     settings = config.evaluation
     samples = settings["samples"] if model.method.stochastic else 1
     result, measured = measure(
@@ -293,12 +393,12 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
         model.device,
     )
     reference = case.reference.array
-    metrics = case_metrics(reference, result.mean.array, case.mask, settings["metrics"], hounsfield=hounsfield)
+    metrics = scoring(reference, result.mean.array, case.mask)
     write_volume(result.mean, out / "translations" / name / f"{case.case_id}.nii.gz")
     variability = None
     if result.std is not None and result.samples is not None:
         write_volume(result.std, out / "uncertainty" / name / f"{case.case_id}.nii.gz")
-        variability = _variability(result.samples, result.std.array, result.mean.array, case, settings["metrics"], hounsfield)
+        variability = _variability(result.samples, result.std.array, result.mean.array, case, scoring)
     translated_slices = int(case.mask.any(axis=(1, 2)).sum())
     cost = {"seconds": measured.seconds, "slices": translated_slices, "s_per_slice": measured.seconds / translated_slices,
             "nfe": result.nfe, "samples": samples, "peak_memory_bytes": measured.peak_memory_bytes,
@@ -306,14 +406,11 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
     return {"metrics": metrics.values, "slices": metrics.slices, "scale": metrics.scale, "cost": cost, "variability": variability}
 
 
-def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: HeldOutCase, standard: str,
-                 hounsfield: bool) -> dict[str, Any]:
+def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: HeldOutCase,
+                 scoring: Scoring) -> dict[str, Any]:
     """Metric spread over the single draws, and how the std map relates to the error of the mean."""
-    def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-        return case_metrics(reference, prediction, mask, standard, hounsfield=hounsfield).values
-
     reference = case.reference.array
-    spread = sample_spread([draw.array for draw in draws], reference, case.mask, score)
+    spread = sample_spread([draw.array for draw in draws], reference, case.mask, scoring.values)
     error = mean.astype(np.float64) - reference
     correlation = uncertainty_error_correlation(std, error, case.mask)
     bins = calibration_table(std, error, case.mask)
@@ -325,7 +422,7 @@ def _variability(draws: list[Volume], std: np.ndarray, mean: np.ndarray, case: H
     }
 
 
-def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path, hounsfield: bool,
+def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path, scoring: Scoring,
            log: Callable[[str], None]) -> list[dict[str, Any]]:
     record = out / "records" / name / f"{case.case_id}.noise.json"
     if record.is_file():
@@ -337,10 +434,7 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
     def translate(source: Volume) -> Volume:
         return translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean
 
-    def score(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-        return case_metrics(reference, prediction, mask, settings["metrics"], hounsfield=hounsfield).values
-
-    rows = noise_robustness(translate, case.source, case.reference.array, case.mask, score,
+    rows = noise_robustness(translate, case.source, case.reference.array, case.mask, scoring.values,
                             settings["noise_levels"], seed=settings["seed"])
     payload = [{"level": r.level, "sigma": r.sigma, "scores": r.scores, "drop": r.drop} for r in rows]
     write_json(record, plain_json(payload))

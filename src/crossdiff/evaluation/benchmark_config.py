@@ -5,13 +5,18 @@ data: ../data/sarcoma-ct-mr-pet      # dataset folder or manifest, relative to t
 layout: modality-folders              # optional; detected otherwise
 source: mr
 target: ct                            # or several, [ct, pet]: one report per target, in OUT/<target>/
-test: [STS_003]                       # held-out cases (one split), or `test: leave-one-out` (one fold per case)
+test: [STS_003]                       # held-out cases (one split), `test: leave-one-out` (one fold per case),
+                                      # or `test: {folds: 5}` (5 folds by case, seeded by evaluation.seed)
+groups: {brain: [P01, P02], body: [P10]}  # optional: summaries per group of cases (e.g. body region)
+budget: {train_seconds: 600}          # optional: every method trains for the same wall time: its steps are
+                                      # set from its own speed, measured on calibration_steps (default 20)
 methods:
   - {method: unet}
   - {method: cddpm, name: cddpm-ddim20, config: {sampler: ddim, steps: 20},
      timing: [{sampler: ddpm, steps: 1000}]}   # also time other samplers of the trained model (speed only)
   - {method: cldm, stages: {diffusion: {sampler: ddim, steps: 20}}}   # one model for every target; each
                                       # stage trained with `config` plus its own `stages` section
+  - {method: pix2pix, train: {training: {batch_size: 4}}}   # per-method overrides of the shared sections
 train:                                # `crossdiff train --config` sections shared by every method
   slices: {size: [64, 64], fit: resize}
   preparation: {registration: rigid}
@@ -49,7 +54,8 @@ from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec
 from crossdiff.training import TrainConfig
 
-TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick")
+TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick", "groups", "budget")
+BUDGET_DEFAULTS: dict[str, Any] = {"train_seconds": None, "calibration_steps": 20}
 TRAIN_SECTIONS = ("slices", "preparation", "training")
 
 
@@ -81,6 +87,7 @@ class MethodEntry:
     config: dict[str, Any] = field(default_factory=dict)
     timing: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def stage_config(self, stage: str | None) -> dict[str, Any]:
         """The method section one training stage (None: an unstaged method) is given."""
@@ -99,6 +106,12 @@ class BenchmarkConfig:
     train: dict[str, dict[str, Any]]
     evaluation: dict[str, Any]
     targets: tuple[str, ...] = ()
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=lambda: dict(BUDGET_DEFAULTS))
+
+    def train_sections(self, entry: MethodEntry) -> dict[str, dict[str, Any]]:
+        """The shared training sections with the entry's own overrides merged over them."""
+        return _merged(self.train, entry.train)
 
     def for_target(self, target: str) -> BenchmarkConfig:
         """The same benchmark about one of its targets."""
@@ -117,6 +130,8 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
     if unknown:
         raise InputError(path, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL)}")
     overrides = mapping(path, raw.pop("quick", None), "'quick'")
+    if quick and not overrides:
+        raise InputError(path, "--quick asks for the config's 'quick:' overrides, and it has none")
     if quick:
         raw = _merged(raw, overrides)
     for key in ("data", "source", "target", "test", "methods"):
@@ -126,27 +141,28 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
         if key in raw and not (isinstance(raw[key], str) and raw[key]) and not (key == "layout" and raw[key] is None):
             raise InputError(path, f"{key!r} must be a text, not {raw[key]!r}")
     targets = _targets(path, raw["target"])
-    source = raw["source"].lower()
     try:
-        train = _train_sections(path, raw.get("train") or {}, [source, *targets])
-        methods = _methods(path, raw["methods"], train["slices"])
-        evaluation = _evaluation(path, raw.get("evaluation") or {})
+        config = BenchmarkConfig(
+            path=path,
+            data=_relative(path, raw["data"]),
+            layout=raw.get("layout"),
+            source=raw["source"].lower(),
+            target=targets[0],
+            targets=targets,
+            test=_test_cases(path, raw["test"]),
+            methods=_methods(path, raw["methods"]),
+            train=_train_sections(path, raw.get("train") or {}),
+            evaluation=_evaluation(path, raw.get("evaluation") or {}),
+            groups=_groups(path, raw.get("groups") or {}),
+            budget=_budget(path, raw.get("budget") or {}),
+        )
+        for entry in config.methods:
+            _check_training(config, entry)
     except InputError:
         raise
-    except CrossdiffError as error:
+    except CrossdiffError as error:  # a section's own check (types, ranges, method settings): name the file
         raise InputError(path, str(error)) from None
-    return BenchmarkConfig(
-        path=path,
-        data=_relative(path, raw["data"]),
-        layout=raw.get("layout"),
-        source=source,
-        target=targets[0],
-        targets=targets,
-        test=_test_cases(path, raw["test"]),
-        methods=methods,
-        train=train,
-        evaluation=evaluation,
-    )
+    return config
 
 
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -174,27 +190,54 @@ def _targets(path: Path, value: Any) -> tuple[str, ...]:
     return tuple(v.lower() for v in values)
 
 
-def _test_cases(path: Path, value: Any) -> list[str] | str:
+def _test_cases(path: Path, value: Any) -> list[str] | str | int:
     if value == LEAVE_ONE_OUT:
         return LEAVE_ONE_OUT
+    if isinstance(value, dict):
+        folds = value.get("folds")
+        if set(value) != {"folds"} or not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+            raise InputError(path, f"'test: {{folds: K}}' needs a whole number K >= 2, not {value!r}")
+        return folds
     cases = [value] if isinstance(value, str) else value
     if not isinstance(cases, list) or not cases or not all(isinstance(v, str) for v in cases):
-        raise InputError(path, f"'test' must list held-out case ids or be {LEAVE_ONE_OUT!r}")
+        raise InputError(path, f"'test' must list held-out case ids, be {LEAVE_ONE_OUT!r} or {{folds: K}}")
     for case in cases:
         if problem := path_name_problem(case):
             raise InputError(path, f"'test': the case id {case!r} {problem}")
     return list(cases)
 
 
-def _methods(path: Path, value: Any, slices: dict[str, Any]) -> list[MethodEntry]:
+def _groups(path: Path, value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str) and isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids)
+        for name, ids in value.items()
+    ):
+        raise InputError(path, "'groups' must map group names to lists of case ids")
+    return {name: list(ids) for name, ids in value.items()}
+
+
+def _budget(path: Path, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - set(BUDGET_DEFAULTS):
+        raise InputError(path, f"'budget' may hold only {', '.join(BUDGET_DEFAULTS)}")
+    settings = {**BUDGET_DEFAULTS, **value}
+    seconds, steps = settings["train_seconds"], settings["calibration_steps"]
+    if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0):
+        raise InputError(path, f"budget train_seconds must be a positive number of seconds, not {seconds!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 5:
+        raise InputError(path, f"budget calibration_steps must be a whole number >= 5, not {steps!r}")
+    return settings
+
+
+def _methods(path: Path, value: Any) -> list[MethodEntry]:
     if not isinstance(value, list) or not value:
         raise InputError(path, "'methods' must be a non-empty list of {method: NAME, name: ..., config: {...}}")
     entries = []
     for item in value:
         item = {"method": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing", "stages"}:
-            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config', 'timing' "
-                                   "and 'stages'")
+        if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing", "stages",
+                                                                              "train"}:
+            raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config', 'timing', "
+                                   "'stages' and 'train'")
         stages = item.get("stages") or {}
         if not isinstance(stages, dict) or not all(isinstance(section, dict) for section in stages.values()):
             raise InputError(path, f"'stages' of {item['method']} must map stage names to method sections")
@@ -215,10 +258,9 @@ def _methods(path: Path, value: Any, slices: dict[str, Any]) -> list[MethodEntry
         config = item.get("config") or {}
         if not isinstance(config, dict):
             raise InputError(path, f"'config' of {name} must be a mapping of method settings")
-        entry = MethodEntry(str(item["method"]), name, dict(config), [dict(options) for options in timing],
-                            {str(stage): dict(section) for stage, section in stages.items()})
-        _check_method_entry(entry, known, slices)
-        entries.append(entry)
+        entries.append(MethodEntry(str(item["method"]), name, dict(config), [dict(options) for options in timing],
+                                   {str(stage): dict(section) for stage, section in stages.items()},
+                                   _train_sections(path, item.get("train") or {})))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -226,24 +268,25 @@ def _methods(path: Path, value: Any, slices: dict[str, Any]) -> list[MethodEntry
     return entries
 
 
-def _check_method_entry(entry: MethodEntry, stages: tuple[str, ...], slices: dict[str, Any]) -> None:
-    """Each stage's method section typed and built on the meta device, as `crossdiff train` will (a new
-    cldm diffusion stage only typed: it is built from its trained autoencoder)."""
-    data = DataSpec(SliceConfig.from_dict(slices).channels, 1, SliceConfig.from_dict(slices).size)
-    for stage in stages or (None,):
+def _check_training(config: BenchmarkConfig, entry: MethodEntry) -> None:
+    """The sections one method is trained with (the shared ones, its own merged over them) checked as
+    `crossdiff train` will check them, and its method section (each stage's) typed and built on the meta
+    device (a new cldm diffusion stage only typed: it is built from its trained autoencoder)."""
+    sections = config.train_sections(entry)
+    slices = SliceConfig.from_dict(sections["slices"])
+    TrainConfig.from_dict(sections["training"])
+    modalities = [config.source, *config.targets]
+    PreparationConfig.from_dict({"modalities": modalities, "reference": modalities[1], **sections["preparation"]})
+    data = DataSpec(slices.channels, 1, slices.size)
+    for stage in get_method(entry.method).training_stages or (None,):
         settings = entry.stage_config(stage) | ({"stage": stage} if stage else {})
         check_method_settings(entry.method, settings, data, build=stage != "diffusion")
 
 
-def _train_sections(path: Path, value: Any, modalities: list[str]) -> dict[str, dict[str, Any]]:
-    """The shared `crossdiff train` sections, each checked as training will check it."""
+def _train_sections(path: Path, value: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or set(value) - set(TRAIN_SECTIONS):
         raise InputError(path, f"'train' may hold only the sections {', '.join(TRAIN_SECTIONS)}")
-    sections = {section: dict(mapping(path, value.get(section), f"'train.{section}'")) for section in TRAIN_SECTIONS}
-    SliceConfig.from_dict(sections["slices"])
-    TrainConfig.from_dict(sections["training"])
-    PreparationConfig.from_dict({"modalities": modalities, "reference": modalities[1], **sections["preparation"]})
-    return sections
+    return {section: dict(mapping(path, value.get(section), f"'train.{section}'")) for section in TRAIN_SECTIONS}
 
 
 def _evaluation(path: Path, value: Any) -> dict[str, Any]:

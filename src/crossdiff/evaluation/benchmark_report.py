@@ -18,14 +18,14 @@ from crossdiff.evaluation import figures
 from crossdiff.evaluation.benchmark import BenchmarkResult, CaseRun
 from crossdiff.evaluation.evaluate import csv_text
 from crossdiff.evaluation.fid import FidResult, fid
-from crossdiff.evaluation.metrics import HU_RANGE, normalise_pair
+from crossdiff.evaluation.metrics import HU_RANGE, Scale, normalise_pair
 from crossdiff.evaluation.report import Section, Table, write_report
 from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
 from crossdiff.evaluation.variability import CalibrationBin
 from crossdiff.provenance import code_version, describe_code_version
 from crossdiff.readers import read_mask, read_volume
 
-MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ms_ssim")
+MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ssim_2d", "ms_ssim", "mae_bone")
 SLICE_METRICS = ("mae", "psnr")
 
 
@@ -152,7 +152,7 @@ def _fid(result: BenchmarkResult, names: list[str]) -> dict[str, FidResult]:
         real, synthetic = [], []
         for run in (r for r in result.runs if r.method == name):
             reference, prediction, mask = _case_arrays(result, name, run.case)
-            a, b = _unit_scale(reference, prediction, mask, result.hounsfield)
+            a, b = _unit_scale(reference, prediction, mask, result.scale)
             filled = mask.any(axis=(1, 2))
             real.append(a[filled])
             synthetic.append(b[filled])
@@ -161,10 +161,10 @@ def _fid(result: BenchmarkResult, names: list[str]) -> dict[str, FidResult]:
 
 
 def _unit_scale(
-    reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, hounsfield: bool
+    reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, scale: Scale
 ) -> tuple[np.ndarray, np.ndarray]:
-    if not hounsfield:
-        return normalise_pair(reference, prediction, mask)
+    if not scale.hounsfield:
+        return normalise_pair(reference, prediction, mask, scale.window)
     low, high = HU_RANGE
     return tuple(np.clip((image - low) / (high - low), 0.0, 1.0) for image in (reference, prediction))  # type: ignore[return-value]
 
@@ -182,7 +182,7 @@ def _case_arrays(result: BenchmarkResult, name: str, case: str) -> tuple[np.ndar
 
 def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[str, tuple[Path, str]]:
     runs = result.runs
-    structural = "ssim" if "ssim" in runs[0].metrics else "ms_ssim"
+    structural = next(m for m in ("ssim", "ssim_2d", "ms_ssim") if m in runs[0].metrics)
     units = "HU" if result.hounsfield else "normalised"
     drawn = {"panels": (_panels(result, names, folder / "panels.png"), _panel_caption(result, runs[0].case))}
     box = {m: {n: [r.metrics[m] for r in runs if r.method == n] for n in names} for m in ("mae", "psnr", structural)}
@@ -224,7 +224,7 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
             break
     mask = read_volume(cases / "mask" / f"{case}.nii.gz").array[middle]
     spacing = reference.geometry.spacing
-    window = figures.CT_WINDOW if result.hounsfield else tuple(np.percentile(reference.array, [1, 99]))
+    window = figures.CT_WINDOW if result.hounsfield else result.scale.window or tuple(np.percentile(reference.array, [1, 99]))
     error_max = 300.0 if result.hounsfield else float(window[1] - window[0]) / 2
     return figures.comparison_panels(path, source[middle], reference.array[middle], predictions, uncertainty, mask,
                                      window=window, error_max=error_max, aspect=spacing[1] / spacing[0])
@@ -250,7 +250,8 @@ def _intro(result: BenchmarkResult) -> str:
         f"(slices {config.train['slices'] or 'default'}, preparation {config.train['preparation'] or 'default'}, "
         f"training {training or 'default'}).\n\n"
         f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
-        f"{'' if result.hounsfield else ', on the normalised [0, 1] scale (reference percentile window)'}; "
+        f"{'' if result.hounsfield else f', on the {result.scale.label} scale'}"
+        f"{'; SSIM per 2-D slice (the cases are stacks of 2-D images)' if result.planar else ''}; "
         f"ME is prediction minus reference. Machine: {machine}. Code: {describe_code_version()}."
     )
 
@@ -267,8 +268,10 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
                  "patient as independent, which they are not: read them as descriptive.")
     sections = [
         Section("Results", "Mean ± SD over the held-out cases.", [Table.from_records(overview)], [drawn["panels"], drawn["box"]]),
+        *_group_sections(result, names, metrics),
         Section("Per case", "", [Table.from_records(tables["results.csv"])]),
-        Section("Statistical tests", test_note, [Table.from_records(tables["tests.csv"])] if tables["tests.csv"] else []),
+        Section("Statistical tests", test_note + " " + _best_note(tables["tests.csv"], overview),
+                [Table.from_records(_best_against_others(tables["tests.csv"], overview))] if tables["tests.csv"] else []),
         Section("Cost", "Peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
                 [drawn["speed"], drawn["nfe"]]),
         Section("Sampling speed", "Seconds per slice for one draw (translation time over translated slices and draws). "
@@ -291,6 +294,48 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
     fid_rows = [{"method": n, "fid": f.value, "note": f.note} for n, f in fid_results.items()]
     sections.append(Section("FID", "", [Table.from_records(fid_rows)]))
     return sections
+
+
+def _group_sections(result: BenchmarkResult, names: list[str], metrics: list[str]) -> list[Section]:
+    """Mean ± SD per method over the held-out cases of each configured group (e.g. brain, body)."""
+    rows = []
+    for group, members in result.config.groups.items():
+        for name in names:
+            runs = [r for r in result.runs if r.method == name and r.case in members]
+            if runs:
+                rows.append({"group": group, "method": name, "cases": len(runs), **{
+                    m: _format(describe([r.metrics[m] for r in runs])) for m in metrics if m in MAIN_METRICS}})
+    if not rows:
+        return []
+    return [Section("Per group", "Mean ± SD over the held-out cases of each group of the config.", [Table.from_records(rows)])]
+
+
+def _format(summary: Any) -> str:
+    if summary.n == 0:
+        return "n/a"
+    return f"{summary.mean:.4g}" + ("" if summary.n < 2 else f" ± {summary.sd:.2g}")
+
+
+def _best_against_others(tests: list[dict[str, Any]], overview: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The MAE tests over cases between the method with the lowest mean MAE and every other (all in tests.csv)."""
+    best = _best_method(overview)
+    keep = ("a", "b", "n", "p_value", "median_difference", "effect_size", "mean_difference_ci95_low",
+            "mean_difference_ci95_high", "better", "significant")
+    return [{k: row[k] for k in keep} for row in tests
+            if row["metric"] == "mae" and row["unit"] == "cases" and best in (row["a"], row["b"])]
+
+
+def _best_method(overview: list[dict[str, Any]]) -> str:
+    return min(overview, key=lambda row: float(str(row["mae"]).split()[0]))["method"]
+
+
+def _best_note(tests: list[dict[str, Any]], overview: list[dict[str, Any]]) -> str:
+    over_cases = [row for row in tests if row["unit"] == "cases"]
+    significant = [row for row in over_cases if row["significant"]]
+    return (f"Shown: MAE over cases, {_best_method(overview)} (lowest mean MAE) against every other method, with the "
+            "matched-pairs rank-biserial effect size (-1 to 1; its sign follows a - b) and a bootstrap 95% CI of the mean "
+            f"difference. Over cases, {len(significant)} of {len(over_cases)} tests (every pair, every main metric; "
+            "tests.csv) reach p < 0.05, uncorrected for multiple comparisons.")
 
 
 def _mean_sd(summary: list[dict[str, Any]], method: str, metric: str) -> str:

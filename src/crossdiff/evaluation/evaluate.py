@@ -20,7 +20,16 @@ import numpy as np
 
 from crossdiff.atomic import write_texts
 from crossdiff.errors import CrossdiffError, InputError, InputWarning
-from crossdiff.evaluation.metrics import AIR_BELOW_HU, BONE_FROM_HU, NORMALISING_PERCENTILES, STANDARDS, case_metrics
+from crossdiff.evaluation.metrics import (
+    AIR_BELOW_HU,
+    BONE_FROM_HU,
+    HU_SCALE,
+    NORMALISING_PERCENTILES,
+    PERCENTILE_SCALE,
+    STANDARDS,
+    case_metrics,
+    scale_for,
+)
 from crossdiff.evaluation.pairing import EvaluationCase
 from crossdiff.evaluation.statistics import Summary, describe
 from crossdiff.masks import body_mask
@@ -60,10 +69,15 @@ def evaluate_cases(
     standard: str = "synthrad2023",
     modality: str = "auto",
     progress: Callable[[str], None] | None = None,
+    units: str | None = None,
+    planar: bool = False,
 ) -> Evaluation:
     """Read and score every case. `modality` 'ct' scores in HU, 'mr' on the normalised [0, 1] scale, 'auto'
-    decides from the reference (CT -> HU, anything else normalised); all cases must share one scale.
-    `progress` is called with each case's name once it is scored."""
+    decides from the reference's modality and units (a CT in HU -> HU; display grey levels -> [0, 1] by
+    their 0-255 range; anything else -> [0, 1] by the reference's percentiles); `units` overrides the
+    units read from the files. All cases must share one scale. `planar` scores SSIM per 2-D slice
+    (automatic for slice stacks and cases thinner than 7 voxels). `progress` is called with each case's
+    name once it is scored."""
     if standard not in STANDARDS:
         raise CrossdiffError(f"unknown metric standard {standard!r}; choose from {', '.join(STANDARDS)}")
     if modality not in MODALITIES:
@@ -72,7 +86,7 @@ def evaluate_cases(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", InputWarning)
         for case in cases:
-            result, scale = _score(case, standard, modality)
+            result, scale = _score(case, standard, modality, units, planar)
             results.append(result)
             scales.add(scale)
             if progress is not None:
@@ -85,10 +99,10 @@ def evaluate_cases(
     return Evaluation(standard, scales.pop() if scales else "HU", results, notes)
 
 
-def _score(case: EvaluationCase, standard: str, modality: str) -> tuple[CaseResult, str]:
+def _score(case: EvaluationCase, standard: str, modality: str, units: str | None, planar: bool) -> tuple[CaseResult, str]:
     forced = {"ct": "CT", "mr": "MR"}.get(modality)
-    reference = read_volume(case.reference, modality=forced)
-    prediction = read_volume(case.prediction, modality=reference.modality)
+    reference = read_volume(case.reference, modality=forced, units=units)
+    prediction = read_volume(case.prediction, modality=reference.modality, units=reference.units)
     if not prediction.geometry.matches(reference.geometry):
         raise InputError(
             case.prediction,
@@ -99,9 +113,10 @@ def _score(case: EvaluationCase, standard: str, modality: str) -> tuple[CaseResu
         mask = read_mask(case.mask, reference).array
     else:
         mask = body_mask(reference).array
-    hounsfield = reference.modality == "CT"
+    scale = {"ct": HU_SCALE, "mr": PERCENTILE_SCALE}.get(modality) or scale_for(reference.modality, reference.units)
     try:
-        metrics = case_metrics(reference.array, prediction.array, mask, standard, hounsfield=hounsfield)
+        metrics = case_metrics(reference.array, prediction.array, mask, standard, scale=scale,
+                               planar=planar or reference.planar)
     except CrossdiffError as error:
         raise InputError(case.prediction, str(error)) from None
     source = str(case.mask) if case.mask is not None else AUTOMATIC_MASK
@@ -133,13 +148,17 @@ def describe_evaluation(evaluation: Evaluation, summary: dict[str, Summary]) -> 
         scale = {"units": "HU", "clip": list(standard.hu_range), "data_range": standard.hu_range[1] - standard.hu_range[0],
                  "tissue_classes_hu": {"air": f"< {AIR_BELOW_HU:g}", "soft_tissue": f"[{AIR_BELOW_HU:g}, {BONE_FROM_HU:g})",
                                        "bone": f">= {BONE_FROM_HU:g}"}}
+    elif "display" in evaluation.scale:
+        scale = {"units": evaluation.scale, "clip": [0.0, 1.0], "data_range": 1.0,
+                 "normalisation": "display grey levels 0-255 divided by 255 (a display-windowed image has no physical "
+                                  "units); a CT's bone class: reference >= 250 (clipped white by its window)"}
     else:
         scale = {"units": "normalised [0, 1]", "clip": [0.0, 1.0], "data_range": 1.0,
                  "normalisation": f"reference {NORMALISING_PERCENTILES[0]}-{NORMALISING_PERCENTILES[1]} percentile window "
                                   "inside the mask, applied to both images"}
     return {
         "standard": evaluation.standard,
-        "structural_metric": standard.structural,
+        "structural_metric": "ssim_2d (per 2-D slice)" if "ssim_2d" in evaluation.metrics else standard.structural,
         "scale": scale,
         "me_sign": "prediction minus reference",
         "cases": len(evaluation.cases),

@@ -20,7 +20,7 @@ CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 ALPHA = 0.05
 # Which way is better for each metric; ME (bias) has no better side, only a smaller |ME|.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ssim_2d": True, "ms_ssim": True}
 
 
 def higher_is_better(metric: str) -> bool | None:
@@ -82,7 +82,10 @@ def bootstrap_mean_ci(
 class PairedTest:
     """Wilcoxon signed-rank test of `metric` between methods `a` and `b` over `n` paired `unit` (cases
     or slices). `median_difference` is median(a - b); `better` names the method the median difference
-    favours ('neither' for a zero difference or a metric without a better side); `significant` is p < 0.05."""
+    favours ('neither' for a zero difference or a metric without a better side); `significant` is p < 0.05.
+    `effect_size` is the matched-pairs rank-biserial correlation (Kerby 2014: the share of the signed-rank
+    sum favouring a - b > 0 minus the share against, from -1 to 1); `ci_low`/`ci_high` a seeded BCa
+    bootstrap 95% interval of the mean difference a - b."""
 
     metric: str
     a: str
@@ -93,6 +96,9 @@ class PairedTest:
     p_value: float
     median_difference: float
     better: str
+    effect_size: float = float("nan")
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
 
     @property
     def significant(self) -> bool:
@@ -101,14 +107,17 @@ class PairedTest:
     def as_dict(self) -> dict[str, object]:
         return {"metric": self.metric, "a": self.a, "b": self.b, "unit": self.unit, "n": self.n,
                 "statistic": self.statistic, "p_value": self.p_value, "median_difference": self.median_difference,
-                "better": self.better, "significant": self.significant}
+                "better": self.better, "significant": self.significant, "effect_size": self.effect_size,
+                "mean_difference_ci95_low": self.ci_low, "mean_difference_ci95_high": self.ci_high}
 
 
 def paired_wilcoxon(
-    metric: str, a: tuple[str, Mapping[str, float]], b: tuple[str, Mapping[str, float]], unit: str = "cases"
+    metric: str, a: tuple[str, Mapping[str, float]], b: tuple[str, Mapping[str, float]], unit: str = "cases",
+    higher_better: bool | None = None,
 ) -> PairedTest:
     """Two-sided Wilcoxon signed-rank test of (name, {key: value}) pairs; keys (case ids, or case:slice)
-    must be the same on both sides, and at least one pair must differ."""
+    must be the same on both sides, and at least one pair must differ. `higher_better` gives the better
+    side of values that are not a known metric (e.g. readers' scores); by default the metric's own."""
     (name_a, values_a), (name_b, values_b) = a, b
     if set(values_a) != set(values_b):
         only = sorted(set(values_a) ^ set(values_b))
@@ -122,17 +131,31 @@ def paired_wilcoxon(
     result = stats.wilcoxon(diff, alternative="two-sided")
     median = float(np.median(diff))
     better = "neither"
-    direction = higher_is_better(metric)
+    direction = higher_is_better(metric) if higher_better is None else higher_better
     if direction is not None and median != 0:
         better = name_a if (median > 0) == direction else name_b
-    return PairedTest(metric, name_a, name_b, unit, len(keys), float(result.statistic), float(result.pvalue), median, better)
+    low, high = bootstrap_mean_ci(diff)
+    return PairedTest(metric, name_a, name_b, unit, len(keys), float(result.statistic), float(result.pvalue), median, better,
+                      rank_biserial(diff), low, high)
 
 
-def pairwise_tests(metric: str, by_method: Mapping[str, Mapping[str, float]], unit: str = "cases") -> list[PairedTest]:
+def rank_biserial(differences: np.ndarray) -> float:
+    """Matched-pairs rank-biserial correlation of paired differences (zeros dropped, ties mid-ranked):
+    (sum of ranks of positive differences - sum of ranks of negative ones) / sum of all ranks."""
+    nonzero = differences[differences != 0]
+    if nonzero.size == 0:
+        return 0.0
+    ranks = stats.rankdata(np.abs(nonzero))
+    return float((ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / ranks.sum())
+
+
+def pairwise_tests(
+    metric: str, by_method: Mapping[str, Mapping[str, float]], unit: str = "cases", higher_better: bool | None = None
+) -> list[PairedTest]:
     """Every pair of methods (in the given order) on one metric."""
     names = list(by_method)
     return [
-        paired_wilcoxon(metric, (first, by_method[first]), (second, by_method[second]), unit)
+        paired_wilcoxon(metric, (first, by_method[first]), (second, by_method[second]), unit, higher_better)
         for i, first in enumerate(names)
         for second in names[i + 1 :]
     ]

@@ -76,6 +76,9 @@ class Method(ABC):
     # the stages `crossdiff train --stage` trains one after the other, each building on the previous
     # (cldm: autoencoder, then diffusion); empty for methods trained in one go
     training_stages: ClassVar[tuple[str, ...]] = ()
+    # False for methods that must see whole slices in training (the mean-target reference): `crossdiff
+    # train` then ignores the slices' `crop` (patch training) for them
+    patch_training: ClassVar[bool] = True
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
         self.config = dict(config)
@@ -107,6 +110,11 @@ class Method(ABC):
     ) -> Translation:
         """Translate source slices (B, C, H, W) in [-1, 1]. Stochastic methods draw `samples` times;
         `options` are method-specific (sampler, steps, eta, ...), unknown ones are an error."""
+
+    def validation_metrics(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, float]:
+        """Method-specific held-out measures for the training record (e.g. a critic's accuracy), averaged over
+        validation batches; none by default."""
+        return {}
 
     def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> float:
         """A cheap held-out loss to watch while training (default: L1 of one translation)."""

@@ -43,6 +43,7 @@ SYNDIFF_DEFAULTS: dict[str, Any] = {
     "latent": 32,  # SynDiff: 100; small here for the CPU
     "embedding": 64,
     "discriminator_channels": [32, 64, 128],
+    "critic": "global",  # or 'patch': deeper residual critic with patch logits (SynDiff's large discriminator)
     "l1_weight": 0.5,
     "r1_weight": 1.0,  # SynDiff's r1_gamma
     "r1_every": 1,  # lazy R1: penalise every N-th step only
@@ -52,6 +53,9 @@ SYNDIFF_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "batch": 16,  # slice-draws sampled at once
 }
+
+
+CRITICS = ("global", "patch")
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,14 @@ class SynDiffMethod(Method):
         self.schedule = self._schedule(int(c["steps"]))
         self.generator = SynDiffGenerator(data.target_channels, data.source_channels, c["channels"],
                                           int(c["latent"]), int(c["embedding"]))
-        self.discriminator = TimeDiscriminator(data.target_channels, c["discriminator_channels"], int(c["embedding"]))
+        if c["critic"] not in CRITICS:
+            raise CrossdiffError(f"syndiff critic must be one of {', '.join(CRITICS)}, not {c['critic']!r}")
+        self.discriminator = self._critic(data.target_channels)
         self._optimizers: dict[str, tuple[torch.optim.Optimizer, list[str]]] | None = None
+
+    def _critic(self, channels: int) -> TimeDiscriminator:
+        c = self.config
+        return TimeDiscriminator(channels, c["discriminator_channels"], int(c["embedding"]), patch=c["critic"] == "patch")
 
     def _schedule(self, steps: int) -> LargeSteps:
         c = self.config
@@ -182,6 +192,17 @@ class SynDiffMethod(Method):
         context.optimize("generator", loss)
         logged = {"loss": loss, "adversarial": adversarial, "l1": l1, "discriminator": critic, "r1": r1}
         return {key: float(value.detach()) for key, value in logged.items()}
+
+    @torch.no_grad()
+    def validation_metrics(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, float]:
+        """How well the critic tells true from generated x_{t-k} on held-out slices: the share of true
+        samples it scores real (logit > 0) and of generated ones it scores fake. 0.5 each is chance: the
+        adversarial term then gives the generator nothing to learn from."""
+        step = self._reverse_step(self.generator, batch["target"], batch["source"], generator)
+        on_real = self.discriminator(step.real, step.x_t, step.t).float()
+        on_fake = self.discriminator(step.fake, step.x_t, step.t).float()
+        return {"critic_real_accuracy": float((on_real > 0).float().mean()),
+                "critic_fake_accuracy": float((on_fake < 0).float().mean())}
 
     @torch.no_grad()
     def translate(
@@ -248,7 +269,7 @@ class UnpairedSynDiffMethod(SynDiffMethod):
         super().__init__(config, data)
         c, channels = self.config, data.source_channels
         self.reverse_generator = SynDiffGenerator(channels, channels, c["channels"], int(c["latent"]), int(c["embedding"]))
-        self.reverse_discriminator = TimeDiscriminator(channels, c["discriminator_channels"], int(c["embedding"]))
+        self.reverse_discriminator = self._critic(channels)
         estimator = {"filters": int(c["filters"]), "blocks": int(c["blocks"])}
         self.target_estimator = ResnetGenerator(channels, channels, **estimator)
         self.source_estimator = ResnetGenerator(channels, channels, **estimator)

@@ -25,7 +25,9 @@ from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
 OUTPUTS = ("tanh", "clamp")
 OPTIMISER_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999]}
 REGRESSION_DEFAULTS: dict[str, Any] = {
-    "output": "tanh",  # or 'clamp': a linear output clamped to [-1, 1] at inference only
+    # 'clamp': a linear output clamped to [-1, 1] at inference only; 'tanh' saturates where most of the target
+    # sits at -1 (skull-stripped brain T2: the default tanh UNet collapsed to the floor, std 0.0; clamp learnt)
+    "output": "clamp",
     "masked_loss": False,  # learn only inside the mask (e.g. where the MR has data); off learns the background too
     **RECONSTRUCTION_DEFAULTS,
     **OPTIMISER_DEFAULTS,

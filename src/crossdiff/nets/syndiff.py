@@ -9,7 +9,9 @@ normalisation, see ModulatedBlock). No NCSN++ blocks, attention or JIT-compiled 
 resized to match, so any slice size works.
 
 The discriminator D(x_{t-k}, x_t, t) judges a whole (earlier, later) pair of noisy images with the
-same per-channel time bias and returns one logit per pair, as SynDiff's time-conditioned critic does.
+same per-channel time bias and returns one logit per pair, as SynDiff's time-conditioned critic does;
+with `patch=True` it is deeper (residual down blocks, as SynDiff's large discriminator) and returns a
+map of patch logits, so it judges local texture rather than one global average.
 """
 
 from __future__ import annotations
@@ -101,20 +103,32 @@ class SynDiffGenerator(nn.Module):
 
 class TimeDiscriminator(nn.Module):
     """Stride-2 convolutions with a per-channel time bias and leaky ReLUs, averaged over the image
-    into one logit per (x_{t-k}, x_t) pair."""
+    into one logit per (x_{t-k}, x_t) pair; or (`patch`) residual down blocks, two convolutions each
+    with the time bias between them, ending in a 1x1 convolution: one logit per patch."""
 
-    def __init__(self, channels: int, filters: Sequence[int] = (32, 64, 128), embedding: int = 64) -> None:
+    def __init__(self, channels: int, filters: Sequence[int] = (32, 64, 128), embedding: int = 64,
+                 patch: bool = False) -> None:
         super().__init__()
         widths = _check_widths("discriminator_channels", filters)
+        self.patch = patch
         self.time = TimeEmbedding(embedding)
         self.stem = nn.Conv2d(2 * channels, widths[0], 3, padding=1)
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
         self.biases = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
-        self.head = nn.Linear(widths[-1], 1)
+        if patch:
+            self.refine = nn.ModuleList(nn.Conv2d(b, b, 3, padding=1) for b in widths[1:])
+            self.skips = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip(widths, widths[1:]))
+            self.head: nn.Module = nn.Conv2d(widths[-1], 1, 1)
+        else:
+            self.head = nn.Linear(widths[-1], 1)
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         time = self.time(t)
         h = F.leaky_relu(self.stem(torch.cat([x_prev, x_t], dim=1)), 0.2)
-        for conv, bias in zip(self.convs, self.biases, strict=True):
-            h = F.leaky_relu(conv(h) + bias(time)[:, :, None, None], 0.2)
-        return self.head(h.mean(dim=(2, 3)))
+        for level, (conv, bias) in enumerate(zip(self.convs, self.biases, strict=True)):
+            down = F.leaky_relu(conv(h) + bias(time)[:, :, None, None], 0.2)
+            if self.patch:
+                shortcut = self.skips[level](F.avg_pool2d(h, 2, ceil_mode=True))[..., : down.shape[-2], : down.shape[-1]]
+                down = (shortcut + F.leaky_relu(self.refine[level](down), 0.2)) / 2**0.5
+            h = down
+        return self.head(h) if self.patch else self.head(h.mean(dim=(2, 3)))
