@@ -33,7 +33,7 @@ from .worker import Worker
 
 # Share of the inputs per seed format: more where crossdiff hands the file to C++ code.
 FORMAT_WEIGHTS = {
-    "nifti": 0.14, "metaimage": 0.10, "nrrd": 0.10, "png": 0.07, "jpeg": 0.02, "dicom-file": 0.16,
+    "nifti": 0.13, "metaimage": 0.09, "nrrd": 0.09, "png": 0.06, "jpeg": 0.02, "array": 0.05, "dicom-file": 0.15,
     "dicom-series": 0.12, "manifest.json": 0.05, "manifest.csv": 0.03, "yaml": 0.07, "checkpoint": 0.05, "run": 0.04,
     "fid": 0.03, "option": 0.02,
 }  # fmt: skip

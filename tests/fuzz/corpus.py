@@ -81,10 +81,30 @@ def _images(folder: Path) -> list[Seed]:
     png = SHARED / "paired-mri-ct-png"
     seeds.append(Seed("png", "volume", png / "CT/PNG/Patient_01/CT_PNG (5).png", "paired CT PNG (RGB grey)"))
     seeds.append(Seed("png", "volume", png / "T1-MRI/PNG/Patient_10/T1_PNG (3).png", "paired T1 PNG (RGB grey)"))
+    seeds += _arrays(folder, pet)
     jpeg = folder / "brain_t1.jpg"
     sitk.WriteImage(sitk.ReadImage(str(brainweb / "BrainT1Slice.png")), str(jpeg))
     seeds.append(Seed("jpeg", "volume", jpeg, "BrainWeb T1 as JPEG (SimpleITK)"))
     return seeds
+
+
+def _arrays(folder: Path, image: object) -> list[Seed]:
+    """The real PET volume as the arrays crossdiff reads: .npy, .npz, MATLAB v5 (plain and compressed), v7.3."""
+    import h5py
+    import numpy as np
+    import scipy.io
+    import SimpleITK as sitk
+
+    volume = sitk.GetArrayFromImage(image)  # (slices, rows, cols)
+    paths = {"npy": folder / "pet.npy", "npz": folder / "pet.npz", "mat": folder / "pet.mat", "matz": folder / "pet_z.mat",
+             "mat73": folder / "pet_v73.mat"}
+    np.save(paths["npy"], volume)
+    np.savez_compressed(paths["npz"], pet=volume)
+    scipy.io.savemat(paths["mat"], {"pet": np.moveaxis(volume, 0, -1)})
+    scipy.io.savemat(paths["matz"], {"pet": np.moveaxis(volume, 0, -1)}, do_compression=True)
+    with h5py.File(paths["mat73"], "w") as handle:  # MATLAB v7.3 stores the (rows, cols, slices) array reversed
+        handle["pet"] = np.transpose(volume, (0, 2, 1))
+    return [Seed("array", "volume", path, f"STS_002 PET as {path.name}") for path in paths.values()]
 
 
 def _dicom() -> list[Seed]:

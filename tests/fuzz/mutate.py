@@ -50,6 +50,8 @@ Mutator = Callable[[Seed, random.Random, Path], Mutant]
 def mutate(seed: Seed, rng: random.Random, folder: Path, sentinel: Path) -> Mutant:
     """One mutant of `seed` written into the empty `folder`."""
     choices = MUTATORS[seed.format]
+    if seed.format == "array" and seed.path.suffix != ".npy":
+        choices = [(_bytes_of_file, 1.0)]  # the header mutator knows .npy only
     mutator = rng.choices([m for m, _ in choices], weights=[w for _, w in choices])[0]
     if mutator in PAYLOADS:  # these plant the command that would touch `sentinel` if it ever ran
         return mutator(seed, rng, folder, sentinel)  # type: ignore[call-arg]
@@ -251,6 +253,26 @@ def _raw_data(seed: Seed, rng: random.Random, folder: Path) -> Mutant:
     changed, what = mutate_bytes(data, rng)
     target.write_bytes(changed)
     return Mutant(header, f"{seed.format} data file {target.name}: {what}")
+
+
+# --------------------------------------------------------------------------------------- arrays
+
+
+def _npy_header(seed: Seed, rng: random.Random, folder: Path) -> Mutant:
+    """An .npy whose header dictionary declares another shape, type or order (the data left as they are)."""
+    target = folder / seed.path.name
+    data = seed.path.read_bytes()
+    end = data.index(b"}") + 1
+    header = data[:end]
+    field = rng.choice(("shape", "descr", "fortran_order"))
+    value = {"shape": rng.choice((b"(9999, 9999, 99)", b"(0,)", b"(-5, 3, 2)", b"(48, 27)", b"(1, 1, 1)", b"()")),
+             "descr": rng.choice((b"'|O'", b"'<f8'", b"'>i2'", b"'<U4'", b"'bogus'")),
+             "fortran_order": rng.choice((b"True", b"1", b"'yes'"))}[field]
+    start = header.index(f"'{field}':".encode()) + len(field) + 3
+    stop = header.index(b"), " if field == "shape" else b", ", start) + (1 if field == "shape" else 0)
+    header = header[:start] + b" " + value + header[stop:]
+    target.write_bytes(header + data[end:])
+    return Mutant(target, f"npy header {field} = {value.decode()}")
 
 
 # ------------------------------------------------------------------------------------------ PNG
@@ -789,6 +811,7 @@ MUTATORS: dict[str, list[tuple[Mutator, float]]] = {
     "nrrd": [(_header_line, 0.6), (_raw_data, 0.15), (_bytes_of_file, 0.25)],
     "png": [(_png_chunk, 0.5), (_bytes_of_file, 0.5)],
     "jpeg": [(_bytes_of_file, 1.0)],
+    "array": [(_bytes_of_file, 0.7), (_npy_header, 0.3)],
     "dicom-file": [(_dicom_file, 1.0)],
     "dicom-series": [(_dicom_series, 1.0)],
     "manifest.json": [(_json_document, 1.0)],

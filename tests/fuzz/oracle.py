@@ -138,6 +138,35 @@ def _dicom_series(folder: Path) -> dict[str, Any]:
     return grid
 
 
+def _array(path: Path) -> dict[str, Any]:
+    """Unit grid; the size from the array's own header, in the axis order each format stores."""
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        shape = list(np.load(path, mmap_mode="r").shape)
+    elif name.endswith(".npz"):
+        with np.load(path) as archive:
+            shape = list(next(iter(archive.values())).shape)
+    else:
+        shape = _mat_shape(path)
+    size = [shape[-1], shape[-2], shape[0] if len(shape) == 3 else 1]
+    return _grid(size, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+
+
+def _mat_shape(path: Path) -> list[int]:
+    """MATLAB's (rows, cols, slices) as (slices, rows, cols); v7.3 (HDF5) stores it reversed."""
+    try:
+        import scipy.io
+
+        rows, cols, *slices = scipy.io.whosmat(str(path))[0][1]
+        return [*slices, rows, cols]
+    except (ValueError, NotImplementedError):
+        import h5py
+
+        with h5py.File(path, "r") as handle:
+            shape = next(item.shape for item in handle.values())
+        return [shape[0], shape[2], shape[1]] if len(shape) == 3 else [shape[1], shape[0]]
+
+
 def _raster(path: Path) -> dict[str, Any]:
     from PIL import Image
 
@@ -158,4 +187,4 @@ def agrees(observed: dict[str, Any], stated: dict[str, Any]) -> bool:
 
 
 READERS = {"nifti": _nifti, "metaimage": _metaimage, "nrrd": _nrrd, "dicom-file": _dicom_file,
-           "dicom-series": _dicom_series, "png": _raster, "jpeg": _raster}
+           "dicom-series": _dicom_series, "png": _raster, "jpeg": _raster, "array": _array}

@@ -103,7 +103,7 @@ def _train_config(path: Path) -> dict[str, Any]:
 def _benchmark_config(path: Path) -> dict[str, Any]:
     from crossdiff.evaluation.benchmark_config import load_benchmark_config
 
-    config = load_benchmark_config(path, quick=True)
+    config = load_benchmark_config(path)
     return {"ids": [entry.name for entry in config.methods] + list(config.test if isinstance(config.test, list) else [])}
 
 
