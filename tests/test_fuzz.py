@@ -10,7 +10,7 @@ from pathlib import Path
 from fuzz.campaign import FAILURES, Settings, run, summary
 from helpers import require_shared
 
-INPUTS = 400
+INPUTS = 300
 
 
 def test_a_slice_of_the_fuzz_campaign_meets_the_promise(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from crossdiff.data.cases import PreparedCase
 
 FITS = ("pad-crop", "resize")
-MAX_SIZE = 2048  # pixels per side of a training slice: beyond it a batch would not fit any GPU
+MAX_SIZE = 1024  # pixels per side of a slice: beyond it a translation batch needs many GB (a crafted config's way in)
+MAX_CONTEXT = 31  # neighbours on each side: 63 source channels at most
 KINDS = ("image", "mask")
 FILL = {"image": -1.0, "mask": 0.0}  # background of [-1, 1] images; outside of a mask
 
@@ -77,7 +78,7 @@ class SliceConfig:
             (self.axis in (0, 1, 2), f"axis must be 0, 1 or 2, not {self.axis}"),
             (0 < min(self.size) and max(self.size) <= MAX_SIZE, f"size must lie in [1, {MAX_SIZE}] pixels, not {self.size}"),
             (self.fit in FITS, f"fit must be one of {', '.join(FITS)}, not {self.fit!r}"),
-            (self.context >= 0, f"context must be >= 0, not {self.context}"),
+            (0 <= self.context <= MAX_CONTEXT, f"context must lie in [0, {MAX_CONTEXT}], not {self.context}"),
             (0.0 <= self.min_mask_fraction <= 1.0, "min_mask_fraction must lie in [0, 1]"),
             (0.0 <= self.flip_h <= 1.0 and 0.0 <= self.flip_v <= 1.0, "flip probabilities must lie in [0, 1]"),
             (self.rotation >= 0.0, f"rotation must be >= 0 degrees, not {self.rotation}"),

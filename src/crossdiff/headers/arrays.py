@@ -51,10 +51,10 @@ def _check_npy_stream(path: Path, stream: IO[bytes], size: int, where: str) -> N
         version = npy_format.read_magic(stream)
         read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
         if read_header is None:
-            raise ValueError(f"NumPy format version {version} is not read")
+            raise ValueError(f"format version {version} is not read")
         shape, _, dtype = read_header(stream)
-    except (ValueError, OSError, EOFError, SyntaxError) as error:
-        raise InputError(path, f"could not be read as a NumPy array{where} ({error})") from None
+    except Exception as error:  # numpy parses the header dictionary in Python: tokenize, ast and dtype errors
+        raise InputError(path, f"could not be read as a NumPy array{where} ({type(error).__name__}: {error})") from None
     if dtype.hasobject or dtype.kind not in "biufc":
         raise InputError(path, f"holds no numeric array{where} (dtype {dtype})")
     check_dimensions(path, [max(int(n), 0) for n in shape] or [1], "array")
