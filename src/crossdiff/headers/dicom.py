@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.tag import Tag
+from pydicom.valuerep import VR
 
 from crossdiff.errors import InputError, warn_input
 from crossdiff.file_checks import MAX_COORDINATE_MM, SPACING_RANGE_MM, check_dimensions
@@ -39,6 +40,7 @@ BITS_ALLOCATED = (8, 16, 32, 64)
 ORTHONORMAL_TOLERANCE = 1e-3
 MAX_RESCALE = 1e6  # |slope| and |intercept| beyond this map any stored value outside every physical scale
 UNDEFINED_LENGTH = 0xFFFFFFFF
+VALID_VRS = frozenset(vr.value for vr in VR)
 
 
 def read_dataset(path: Path) -> pydicom.Dataset:
@@ -135,12 +137,18 @@ def transfer_syntax(header: pydicom.Dataset) -> str:
 
 
 def _check_element_bounds(path: Path, header: pydicom.Dataset) -> None:
-    """Every top-level element must end inside the file: GDCM allocates the length an element declares
-    before reading it (a garbage length after appended bytes made it reserve 2 GB for a 4 KB file)."""
+    """Every top-level element must be one a stored image can hold and end inside the file: GDCM
+    allocates the length an element declares before reading it (a garbage length after appended bytes
+    made it reserve 2 GB for a 4 KB file), and where pydicom steps over damage that GDCM reads another
+    way, elements of the command group (0000), the file meta group (0002) or an undefined VR show it."""
     size = path.stat().st_size
     deflated = transfer_syntax(header) == DEFLATED  # refused in _check_pixel_data; its offsets are not the file's
     for tag in header.keys():
         element = header.get_item(tag, keep_deferred=True)
+        vr = getattr(element, "VR", None)
+        if tag.group in (0x0000, 0x0002) or (vr is not None and vr not in VALID_VRS):
+            raise InputError(path, f"holds DICOM element {tag} (VR {vr!r}), which no stored image has: the file is "
+                                   "damaged (truncated or corrupt)")
         length, tell = getattr(element, "length", None), getattr(element, "value_tell", None)
         if length is None or tell is None or length == UNDEFINED_LENGTH:
             continue
