@@ -196,13 +196,16 @@ def test_headers_that_crash_or_block_itk_are_refused_by_the_command(tmp_path: Pa
 
 def test_tiny_damaged_files_cannot_make_crossdiff_allocate_gigabytes(tmp_path: Path) -> None:
     """Each read in the fuzz suite's isolated worker (1.5 GB address space), peak memory measured: a 3 KB
-    truncated RLE file drove GDCM to 3.8 GB; a compressed MetaImage declaring 4.6 GB; a checkpoint whose
-    config asks for 4096-channel networks."""
+    truncated RLE file drove GDCM to 3.8 GB, a 6.5 KB JPEG-LS file with a repeated block to 1.5 GB; a
+    compressed MetaImage declaring 4.6 GB; checkpoints whose config asks for 512- and 4096-channel networks."""
     sys.path.insert(0, str(REPO / "tests"))
     from fuzz.worker import Worker
 
     rle = tmp_path / "cut_rle.dcm"
     rle.write_bytes(Path(get_testdata_file("MR_small_RLE.dcm", download=False)).read_bytes()[:3000])
+    jpeg_ls = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm", download=False)).read_bytes()
+    repeated = tmp_path / "repeated.dcm"  # 411 bytes repeated after the preamble: GDCM reserved 1.5 GB for it
+    repeated.write_bytes(jpeg_ls[:71] + jpeg_ls[71:482] + jpeg_ls[71:])
     huge = _edit_header(_pet_as(tmp_path, "huge.mha", compress=True), b"DimSize = 30 27 48", b"DimSize = 1200 1100 900")
     models = []
     for channels in (512, 4096):
@@ -214,6 +217,7 @@ def test_tiny_damaged_files_cannot_make_crossdiff_allocate_gigabytes(tmp_path: P
     worker = Worker(1536 << 20, timeout=120)
     try:
         for target, path, problem in (("volume", rle, "truncated or corrupt"), ("volume", huge, "more than the limit"),
+                                      ("volume", repeated, "which no stored image has"),
                                       ("checkpoint", models[0], "weights do not fit"),
                                       ("checkpoint", models[1], "more than 2,000,000,000")):
             result = worker.run({"target": target, "path": str(path)})

@@ -17,7 +17,7 @@ from typing import IO
 from numpy.lib import format as npy_format
 
 from crossdiff.errors import InputError
-from crossdiff.file_checks import check_data_bytes, check_dimensions, require_regular_file
+from crossdiff.file_checks import CHUNK, check_data_bytes, check_dimensions, require_regular_file
 
 MAX_MEMBERS = 1000  # arrays in one .npz or .mat: a slice stack has one, a dataset a few
 
@@ -30,7 +30,8 @@ def check_npy(path: Path) -> None:
 
 
 def check_npz(path: Path) -> None:
-    """Every member of an .npz archive is an .npy passing `check_npy` (its declared size in the archive)."""
+    """Every member of an .npz archive is an .npy passing `check_npy` (its declared size in the archive),
+    and inflates without error (read in chunks: no member is held in memory here)."""
     require_regular_file(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -40,6 +41,8 @@ def check_npz(path: Path) -> None:
             for info in members:
                 with archive.open(info) as stream:
                     _check_npy_stream(path, stream, info.file_size, f" (array {info.filename})")
+                    while stream.read(CHUNK):  # to the end: the compressed data and their checksum are checked too
+                        pass
     except InputError:
         raise
     except Exception as error:  # zipfile raises many kinds on a damaged or unsupported archive; none runs code
