@@ -132,7 +132,7 @@ def test_checkpoints_are_atomic_pruned_and_load_without_pickle(tmp_path, data, m
 
     monkeypatch.setattr(checkpoints, "save_file", disk_full)
     longer = TrainConfig(**{**config.to_dict(), "steps": 8})
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(InputError, match="step-0000008: could not be written .No space"):
         train(build(0), train_set, None, longer, tmp_path, resume=True, extra_config=extra)
     monkeypatch.undo()
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step-0000004", "step-0000006"]

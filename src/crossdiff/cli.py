@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -27,7 +28,7 @@ from rich.table import Table
 
 from crossdiff import __version__
 from crossdiff.atomic import atomic_path
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, InputError, InputWarning
 from crossdiff.methods import available_methods
 
 SAMPLER_NAMES = ("ddpm", "ddim", "em", "pc", "ode")  # crossdiff.diffusion.samplers; the CLI names them for --help
@@ -57,15 +58,40 @@ InputPath = Annotated[Path, typer.Argument(help="Image file (NIfTI, MHA, NRRD, P
 
 
 def main() -> None:
-    """Console-script entry point: user errors print one clear line and exit 1."""
+    """Console-script entry point: user errors print one clear line and exit 1, and so do the system's
+    refusals (a full disk, a read-only folder, no memory left); warnings about inputs print one line each."""
+    warnings.simplefilter("always", InputWarning)
+    warnings.showwarning = _show_warning
     try:
         app()
     except CrossdiffError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error))
+    except MemoryError:
+        _fail("out of memory: the input or the settings need more memory than this machine has")
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+_python_showwarning = warnings.showwarning
+
+
+_SHOWN_WARNINGS: set[str] = set()  # what an InputWarning already said, so `info` does not say it twice
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    if issubclass(category, InputWarning):
+        _SHOWN_WARNINGS.add(getattr(message, "problem", str(message)))
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -107,7 +133,7 @@ def info(
     for name, value in rows.items():
         table.add_row(name, value)
     out_console.print(table)
-    for warning in volume.warnings:
+    for warning in (w for w in volume.warnings if w not in _SHOWN_WARNINGS):
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
@@ -348,6 +374,7 @@ def train(
     preparation = PreparationConfig.from_dict(
         {"modalities": [source, *targets], "reference": targets[0], **settings["preparation"]}
     )
+    _check_method_section(method, settings["method"], slices, autoencoder is None, config or out / "config.yaml")
     loaded = load_manifest(manifest)
     if cls.paired:
         train_ids, val_ids, note = _training_split(loaded, source, targets, training.seed)
@@ -396,6 +423,20 @@ def train(
         _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
 
 
+def _check_method_section(method: str, section: dict, slices: SliceConfig, build: bool, source: Path) -> None:
+    """The method section typed and (unless it is completed later, as cldm's new diffusion stage) built on
+    the meta device, before any case is prepared; its errors name the config file they came from."""
+    from crossdiff.config_schema import check_method_settings
+    from crossdiff.methods.base import DataSpec
+
+    try:
+        check_method_settings(method, section, DataSpec(slices.channels, 1, slices.size), build=build)
+    except InputError:
+        raise
+    except CrossdiffError as error:
+        raise InputError(source, str(error)) from None
+
+
 def _targets(cls: type, target: str, stage: str | None, autoencoder: Path | None, resume: bool) -> list[str]:
     """--target as a list: several keys (comma-separated) only for a multi-target method (cldm). Also
     refuses, before any case is prepared, stage options that do not fit: only cldm has stages, and only
@@ -434,9 +475,10 @@ def _report_reconstruction(
 
 def _run_settings(out: Path, config: Path | None, resume: bool, source: str, targets: list[str]) -> dict[str, dict]:
     """The sections of a new run's YAML, or the saved settings of the run being resumed."""
-    import yaml
-
-    from crossdiff.training import RUN_CONFIG
+    from crossdiff.config_schema import mapping, read_yaml
+    from crossdiff.data.cases import PreparationConfig
+    from crossdiff.data.slices import SliceConfig
+    from crossdiff.training import RUN_CONFIG, TrainConfig
 
     if resume:
         if config is not None:
@@ -444,22 +486,30 @@ def _run_settings(out: Path, config: Path | None, resume: bool, source: str, tar
         saved_file = out / RUN_CONFIG
         if not saved_file.is_file():
             raise CrossdiffError(f"{out}: nothing to resume ({RUN_CONFIG} is missing)")
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-        model = saved["model"]
-        made = [model["target"], *model.get("other_targets", {})]
+        saved = mapping(saved_file, read_yaml(saved_file, "run configuration"), "run configuration")
+        try:
+            model = saved["model"]
+            made = [model["target"], *model.get("other_targets", {})]
+            sections = {"method": dict(saved["method"]["config"]), **{key: dict(saved[key]) for key in TRAIN_SECTIONS[1:]}}
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(saved_file, f"is not a crossdiff run configuration (missing or malformed {error})") from None
         if (model["source"], made) != (source, targets):
             raise CrossdiffError(f"{out} translates {model['source']} to {','.join(made)}, not {source} to {','.join(targets)}")
-        return {"method": saved["method"]["config"], **{key: saved[key] for key in TRAIN_SECTIONS[1:]}}
+        return sections
     if config is None:
         return {section: {} for section in TRAIN_SECTIONS}
-    try:
-        loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise CrossdiffError(f"{config}: cannot read the config ({str(error).splitlines()[0]})") from None
-    unknown = sorted(set(loaded) - set(TRAIN_SECTIONS)) if isinstance(loaded, dict) else ["(not a mapping)"]
+    loaded = mapping(config, read_yaml(config, "config"), "config")
+    unknown = sorted(set(loaded) - set(TRAIN_SECTIONS))
     if unknown:
         raise CrossdiffError(f"{config}: unknown section(s) {', '.join(unknown)}; use {', '.join(TRAIN_SECTIONS)}")
-    return {section: dict(loaded.get(section) or {}) for section in TRAIN_SECTIONS}
+    sections = {section: dict(mapping(config, loaded.get(section), f"section {section!r}")) for section in TRAIN_SECTIONS}
+    try:  # checked here too (train builds them again with the command's overrides), so errors name the file
+        TrainConfig.from_dict(sections["training"])
+        SliceConfig.from_dict(sections["slices"])
+        PreparationConfig.from_dict({"modalities": [source, *targets], "reference": targets[0], **sections["preparation"]})
+    except CrossdiffError as error:
+        raise InputError(config, str(error)) from None
+    return sections
 
 
 CARVE_FROM = 4  # training cases needed before one is carved out for validation
@@ -722,28 +772,19 @@ def export(
     record: Annotated[Optional[Path], typer.Option(help="JSON training record to ship beside the weights.")] = None,
 ) -> None:
     """Write a trained model without its training state, to share or ship; `translate --model` reads it."""
-    import json
-
     from crossdiff.checkpoints import export_checkpoint
+    from crossdiff.config_schema import read_json
 
-    details = None
-    if record is not None:
-        try:
-            details = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise CrossdiffError(f"{record}: cannot read the training record ({error})") from None
+    details = read_json(record, "training record") if record is not None else None
     export_checkpoint(model, out, details)
     out_console.print(f"wrote {out}", soft_wrap=True, highlight=False)
 
 
 def _option(text: str) -> tuple[str, object]:
     """KEY=VALUE with VALUE read as YAML, so numbers and booleans arrive typed (eta=0.5, clip=false)."""
-    import yaml
+    from crossdiff.config_schema import parse_option
 
-    if "=" not in text:
-        raise CrossdiffError(f"--option expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return parse_option(text)
 
 
 @app.command()
@@ -760,10 +801,13 @@ def evaluate(
     planar: Annotated[bool, typer.Option("--planar", metavar="", help="SSIM per 2-D slice (automatic for PNG stacks and thin cases).")] = False,
 ) -> None:
     """Score synthetic images against references: MAE, ME, PSNR, SSIM / MS-SSIM, MAE per tissue class."""
+    from crossdiff.atomic import check_writable
     from crossdiff.evaluation.console import evaluation_table
     from crossdiff.evaluation.evaluate import evaluate_cases, write_evaluation
     from crossdiff.evaluation.pairing import pair_inputs
 
+    if out is not None:
+        check_writable(out)  # before the scoring, not after it
     pairing = pair_inputs(pred, ref, mask, key=key.lower(), split=split)
     with progress("scoring", total=len(pairing.cases)) as (bar, task):
         evaluation = evaluate_cases(

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from crossdiff.atomic import atomic_directory, write_json, write_text
+from crossdiff.atomic import atomic_directory, check_writable, write_json, write_text
 from crossdiff.checkpoints import RECORD_FILE
+from crossdiff.config_schema import read_json
 from crossdiff.data.manifest import CaseEntry
 from crossdiff.errors import InputError
 from crossdiff.evaluation.metrics import case_metrics
@@ -95,6 +96,7 @@ def run_demo(
     `model_dir` replaces the bundled model (benchmarks/demo.py scores a baseline this way);
     `progress(done, total)` is called as slices are translated."""
     start = time.perf_counter()
+    check_writable(out)  # before minutes of work, not after
     entry = sample_entry(sample_dir)
     model_dir = sample_dir / MODEL_FOLDER if model_dir is None else Path(model_dir)
     model = load_model(model_dir, device)
@@ -110,7 +112,7 @@ def run_demo(
     error = synthetic - reference
     correlation = uncertainty_error_correlation(spread, error, region) if samples > 1 else None
     record_file = model_dir / RECORD_FILE
-    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    record = read_json(record_file, "training record") if record_file.is_file() else {}
     settings = {"case": SAMPLE_CASE, "model": str(model_dir), "method": model.method.name, "device": device,
                 "samples": samples, "steps": steps or model.method.config.get("steps"), "seed": seed,
                 "sampler": model.method.config.get("sampler")}

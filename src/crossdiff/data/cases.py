@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from crossdiff.atomic import atomic_path, write_json
+from crossdiff.config_schema import check_preparation, check_section
 from crossdiff.data.manifest import CaseEntry, ref_files
 from crossdiff.errors import InputError
 from crossdiff.intensity import IntensityScaling, default_method, fit_scaling
@@ -91,11 +92,13 @@ class PreparationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PreparationConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = dict(check_section("preparation", data, cls))
         for name in ("ct_window", "suv_window", "mr_percentiles", "spacing"):
             if known.get(name) is not None:
                 known[name] = tuple(known[name])  # type: ignore[arg-type]
-        return cls(**known)  # type: ignore[arg-type]
+        config = cls(**known)  # type: ignore[arg-type]
+        check_preparation(config)
+        return config
 
 
 def prepare_case(

@@ -85,6 +85,14 @@ class Method(ABC):
         self.config = dict(config)
         self.data = data
 
+    @classmethod
+    def default_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Every setting of this method with its default, whose type a config must match: the method
+        built from no settings on PyTorch's meta device (nothing allocated). `settings` picks the variant
+        for methods whose defaults depend on one (cldm's stage)."""
+        with torch.device("meta"):
+            return dict(cls({}, DataSpec(1)).config)
+
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
         """Every network, by name: these are saved, EMA-averaged, moved to the device and DDP-wrapped."""
