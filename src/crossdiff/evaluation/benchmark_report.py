@@ -23,7 +23,7 @@ from crossdiff.evaluation.report import Section, Table, write_report
 from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
 from crossdiff.evaluation.variability import CalibrationBin
 from crossdiff.provenance import code_version, describe_code_version
-from crossdiff.readers import read_mask, read_volume
+from crossdiff.readers import read_mask, read_output, read_volume
 
 MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ssim_2d", "ms_ssim", "mae_bone")
 SLICE_METRICS = ("mae", "psnr")
@@ -172,7 +172,7 @@ def _unit_scale(
 def _case_arrays(result: BenchmarkResult, name: str, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cases = result.out / "cases"
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
-    prediction = read_volume(result.out / "translations" / name / f"{case}.nii.gz")
+    prediction = read_output(result.out / "translations" / name / f"{case}.nii.gz")
     mask = read_mask(cases / "mask" / f"{case}.nii.gz", reference)
     return reference.array.astype(np.float64), prediction.array.astype(np.float64), mask.array.astype(bool)
 
@@ -215,12 +215,12 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
     source = read_volume(cases / "source" / f"{case}.nii.gz").array
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
     middle = reference.shape[0] // 2
-    predictions = {n: read_volume(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
+    predictions = {n: read_output(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
     uncertainty = None
     for name in names:
         file = result.out / "uncertainty" / name / f"{case}.nii.gz"
         if file.is_file():
-            uncertainty = read_volume(file).array[middle]
+            uncertainty = read_output(file).array[middle]
             break
     mask = read_volume(cases / "mask" / f"{case}.nii.gz").array[middle]
     spacing = reference.geometry.spacing
