@@ -80,6 +80,7 @@ class MethodInfo:
     parameters: int
     train_seconds_per_step: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    train_peak_memory_bytes: list[int] = field(default_factory=list)  # each training process's own peak RSS
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             per_step = summary["seconds_per_step"]
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
+            peak = json.loads((run_dir / TRAIN_RECORD).read_text(encoding="utf-8")).get("peak_memory_bytes")
+            info.train_peak_memory_bytes.extend([] if peak is None else [int(peak)])
             scale, planar = scale_for(family_of(config.target), summary["target_units"]), bool(summary["planar"])
             if saved is not None:
                 log(f"reusing the scored translations of {entry.name} in {fold}")
@@ -290,7 +293,7 @@ def _train_stage(
     run = train_with_command(method, manifest, run_dir, saved, ["--source", config.source, *options],
                              [] if previous is None else ["--autoencoder", str(previous)])
     seconds = None if run.resumed else run.seconds  # a resumed run's earlier part went unmeasured
-    write_json(record, {"seconds": seconds, "command": run.command})
+    write_json(record, {"seconds": seconds, "command": run.command, "peak_memory_bytes": run.peak_memory_bytes})
     return seconds
 
 
