@@ -20,6 +20,8 @@ from crossdiff.data.cases import PreparationConfig, prepare_case
 from crossdiff.data.manifest import CaseEntry
 from crossdiff.data.slices import SliceConfig, UnpairedSliceDataset
 from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.evaluation.benchmark import on_scored_scale
+from crossdiff.evaluation.metrics import PERCENTILE_SCALE, case_metrics
 from crossdiff.inference import ModelSpec, load_model
 from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec
@@ -174,3 +176,25 @@ def test_a_constant_output_map_is_read_back_for_the_report_though_inputs_refuse_
     with pytest.raises(InputError, match="std.nii.gz: image is empty: every voxel has the same value"):
         read_volume(path)
     assert read_output(path).shape == (3, 4, 5) and not read_output(path).array.any()
+
+
+def test_case_intensity_scores_a_right_t2_in_another_subjects_units_as_right(brain):
+    """MR has no physical unit: the T2 a model learnt from TCGA-FG-6692 comes back in that subject's scanner
+    values, about half TCGA-DU-7294's. A translation that is exactly TCGA-DU-7294's T2 on the normalised
+    scale, but in the training subject's units, scores far from perfect as it stands ('training'), and
+    perfect once put on the reference's own scale ('case', what benchmarks/configs/brain-unpaired.yaml uses)."""
+    trained, own = brain.spec.target_scaling, brain.new.scalings["t2"]
+    reference = brain.new.physical("t2")
+    right = reference.with_array(trained.invert(brain.new.images["t2"]))  # the right image, training units
+    assert own.high > 1.5 * trained.high  # the two subjects' scanner scales differ that much
+
+    def mae(mode: str) -> float:
+        scored = on_scored_scale(mode, trained, own)(right)
+        return case_metrics(reference.array, scored.array, brain.new.mask, "synthrad2023", scale=PERCENTILE_SCALE).values["mae"]
+
+    assert mae("training") > 0.1 and mae("case") < 1e-5
+    draws = [right.with_array(trained.invert(np.clip(brain.new.images["t2"] + shift, -1, 1))) for shift in (-0.1, 0.1)]
+    std = right.with_array(np.std([draw.array for draw in draws], axis=0, ddof=1).astype(np.float32))
+    scaled = on_scored_scale("case", trained, own)  # the std of the rescaled draws is the rescaled std
+    expected = np.std([scaled(draw).array for draw in draws], axis=0, ddof=1)
+    assert np.allclose(scaled(std, True).array, expected, atol=1e-3 * float(expected.max()))

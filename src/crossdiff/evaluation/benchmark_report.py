@@ -241,6 +241,10 @@ def _panel_caption(result: BenchmarkResult, case: str) -> str:
 # ------------------------------------------------------------------------------------------ sections
 
 
+_CASE_SCALE = (" (each translation first put on its held-out reference's own intensity scale: through the model's "
+               "target scaling and back through the one the preparation fitted to that reference)")
+
+
 def _intro(result: BenchmarkResult) -> str:
     config = result.config
     training = config.train["training"]
@@ -252,6 +256,7 @@ def _intro(result: BenchmarkResult) -> str:
         f"training {training or 'default'}).\n\n"
         f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
         f"{'' if result.hounsfield else f', on the {result.scale.label} scale'}"
+        f"{_CASE_SCALE if config.evaluation['target_intensity'] == 'case' else ''}"
         f"{'; SSIM per 2-D slice (the cases are stacks of 2-D images)' if result.planar else ''}; "
         f"ME is prediction minus reference. Machine: {machine}. Code: {describe_code_version()}."
     )
