@@ -125,7 +125,8 @@ class BrainUnpaired:
         return UnpairedSliceDataset([self.source], [self.target], "t1", "t2", BRAIN_SLICES, augment=True)
 
     def scores(self, model: LoadedModel, samples: int = 1) -> tuple[dict[str, float], dict[str, float]]:
-        """MAE (normalised) of the model and the three baselines, and Spearman of the model and of T1."""
+        """MAE (normalised) of the model and the three baselines, and Spearman of the model and of T1; with
+        samples > 1 also 'spread', the mean per-voxel std of the draws inside the brain (normalised scale)."""
         t1 = read_volume(self.files["new_t1"])
         brain = self.new.mask
         translated = translate_volume(model, t1, samples=samples, mask=Volume(brain.astype(np.uint8), t1.geometry, "mask"))
@@ -141,6 +142,9 @@ class BrainUnpaired:
 
         maes = {"model": mae(prediction), "identity": mae(new_t1), "histogram": mae(matched),
                 "constant": mae(float(np.median(self.target.images["t2"][self.target.mask])))}
+        if translated.std is not None:  # the scaling is linear inside its window: a std scales by its slope
+            scaling = self.spec.target_scaling
+            maes["spread"] = float(2.0 / (scaling.high - scaling.low) * translated.std.array[brain].mean())
         ranks = {"model": float(spearmanr(prediction, truth)[0]), "t1": float(spearmanr(new_t1, truth)[0])}
         return maes, ranks
 

@@ -532,6 +532,8 @@ evaluation: {{slices: 8, noise_levels: [0.09]}}
     slowest = max(float(row["s_per_slice"]) for row in speed.values())
     for row in speed.values():
         assert float(row["speedup_vs_slowest"]) == pytest.approx(slowest / float(row["s_per_slice"]))
+    for row in _rows(out / "cost.csv"):  # each training process's own peak: torch alone takes more than 100 MB
+        assert 100 < float(row["train_peak_memory_mb"]) < 8192, row
     version = json.loads((out / "code-version.json").read_text())
     package = Path(crossdiff_package.__file__).parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=False)

@@ -165,6 +165,13 @@ def adversarial_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tenso
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
+def critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """Half the sum of a critic's losses on real and (detached) generated images, judged in one call
+    (one forward per backward, as DDP wants): what the CycleGAN family's discriminators learn from."""
+    on_real, on_fake = critic(torch.cat([real, fake.detach()])).chunk(2)
+    return 0.5 * (adversarial_loss(on_real, True, kind) + adversarial_loss(on_fake, False, kind))
+
+
 def check_gan_loss(kind: str) -> str:
     if kind not in GAN_LOSSES:
         raise CrossdiffError(f"gan_loss must be one of {', '.join(GAN_LOSSES)}, not {kind!r}")

@@ -101,6 +101,16 @@ def read_volume(
     return volume
 
 
+def read_output(path: str | Path) -> Volume:
+    """A volume crossdiff wrote itself (a translation, an uncertainty map), read back without the content
+    check meant for inputs: a constant map is a result here (draws that agree everywhere, a collapsed
+    model), which a report must show rather than refuse. Unreadable, non-finite or voxel-less files are
+    still an InputError."""
+    volume, _ = _read_raw(path, None, "refuse", None)
+    _check_finite_and_nonempty(volume)
+    return volume
+
+
 def read_mask(path: str | Path, reference: Volume | None = None) -> Volume:
     """Read a binary mask (any label > 0 is foreground); if `reference` is given, it must share its grid."""
     mask, _ = _read_raw(path, None, "refuse", None)

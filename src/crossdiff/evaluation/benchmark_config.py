@@ -28,6 +28,8 @@ evaluation:
   noise_levels: [0.03, 0.09, 0.15, 0.21]   # noise robustness on each fold's first test case ([] skips it)
   fid_features: null                  # VGG16 weights (.safetensors or .pth) for FID (null: not computed)
   timing_slices: 2                    # central slices that each `timing` entry translates
+  target_intensity: training          # or 'case': translations put on each held-out reference's own intensity
+                                      # scale before scoring (MR in scanner units that differ between subjects)
   seed: 0
 quick:                                # merged over the above with --quick
   train: {training: {steps: 20}}
@@ -70,9 +72,11 @@ class EvaluationSettings:
     fid_features: str | None = None
     seed: int = 0
     timing_slices: int = 2
+    target_intensity: str = "training"
 
 
 EVALUATION_DEFAULTS: dict[str, Any] = asdict(EvaluationSettings())
+TARGET_INTENSITIES = ("training", "case")
 LEAVE_ONE_OUT = "leave-one-out"
 
 
@@ -302,6 +306,8 @@ def _evaluation(path: Path, value: Any) -> dict[str, Any]:
         raise InputError(path, "evaluation slices must be null (all) or at least 7 (the SSIM window)")
     if not isinstance(settings["timing_slices"], int) or settings["timing_slices"] < 1:
         raise InputError(path, "evaluation timing_slices must be a whole number >= 1")
+    if settings["target_intensity"] not in TARGET_INTENSITIES:
+        raise InputError(path, f"evaluation target_intensity must be one of {', '.join(TARGET_INTENSITIES)}")
     settings["noise_levels"] = [float(level) for level in settings["noise_levels"] or []]
     if any(level < 0 for level in settings["noise_levels"]) or settings["seed"] < 0:
         raise InputError(path, "evaluation noise_levels and seed must be >= 0")

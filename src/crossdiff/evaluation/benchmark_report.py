@@ -23,7 +23,7 @@ from crossdiff.evaluation.report import Section, Table, write_report
 from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
 from crossdiff.evaluation.variability import CalibrationBin
 from crossdiff.provenance import code_version, describe_code_version
-from crossdiff.readers import read_mask, read_volume
+from crossdiff.readers import read_mask, read_output, read_volume
 
 MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ssim_2d", "ms_ssim", "mae_bone")
 SLICE_METRICS = ("mae", "psnr")
@@ -107,6 +107,7 @@ def _cost_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
             "parameters": info.parameters,
             "train_s_per_step": _mean(info.train_seconds_per_step),
             "train_minutes": None if not info.train_seconds else _mean(info.train_seconds) / 60,
+            "train_peak_memory_mb": max(info.train_peak_memory_bytes) / 2**20 if info.train_peak_memory_bytes else None,
             "s_per_volume": float(np.mean([c["seconds"] for c in mine])),
             "s_per_slice": float(np.mean([c["s_per_slice"] for c in mine])),
             "nfe_per_draw": mine[0]["nfe"],
@@ -172,7 +173,7 @@ def _unit_scale(
 def _case_arrays(result: BenchmarkResult, name: str, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cases = result.out / "cases"
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
-    prediction = read_volume(result.out / "translations" / name / f"{case}.nii.gz")
+    prediction = read_output(result.out / "translations" / name / f"{case}.nii.gz")
     mask = read_mask(cases / "mask" / f"{case}.nii.gz", reference)
     return reference.array.astype(np.float64), prediction.array.astype(np.float64), mask.array.astype(bool)
 
@@ -222,12 +223,12 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path | Non
     source = read_volume(cases / "source" / f"{case}.nii.gz").array
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
     middle = reference.shape[0] // 2
-    predictions = {n: read_volume(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
+    predictions = {n: read_output(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
     uncertainty = None
     for name in names:
         file = result.out / "uncertainty" / name / f"{case}.nii.gz"
         if file.is_file():
-            uncertainty = read_volume(file).array[middle]
+            uncertainty = read_output(file).array[middle]
             break
     mask = read_volume(cases / "mask" / f"{case}.nii.gz").array[middle]
     spacing = reference.geometry.spacing
@@ -252,6 +253,10 @@ def _panel_caption(result: BenchmarkResult, case: str) -> str:
 # ------------------------------------------------------------------------------------------ sections
 
 
+_CASE_SCALE = (" (each translation first put on its held-out reference's own intensity scale: through the model's "
+               "target scaling and back through the one the preparation fitted to that reference)")
+
+
 def _intro(result: BenchmarkResult) -> str:
     config = result.config
     training = config.train["training"]
@@ -263,6 +268,7 @@ def _intro(result: BenchmarkResult) -> str:
         f"training {training or 'default'}).\n\n"
         f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
         f"{'' if result.hounsfield else f', on the {result.scale.label} scale'}"
+        f"{_CASE_SCALE if config.evaluation['target_intensity'] == 'case' else ''}"
         f"{'; SSIM per 2-D slice (the cases are stacks of 2-D images)' if result.planar else ''}; "
         f"ME is prediction minus reference. Machine: {machine}. Code: {describe_code_version()}."
     )
@@ -285,7 +291,8 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         Section("Per case", "", [Table.from_records(tables["results.csv"])]),
         Section("Statistical tests", test_note + " " + _best_note(tables["tests.csv"], overview),
                 [Table.from_records(_best_against_others(tables["tests.csv"], overview))] if tables["tests.csv"] else []),
-        Section("Cost", "Peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
+        Section("Cost", "Training peak memory: the peak RSS of each training process (the largest over folds). "
+                "Translation peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
                 [drawn["speed"], drawn["nfe"]]),
         Section("Sampling speed", "Seconds per slice for one draw (translation time over translated slices and draws). "
                 "Rows other than 'as evaluated' time another sampler of the same trained model on the central "

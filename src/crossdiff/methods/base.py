@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from crossdiff.errors import CrossdiffError
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -27,6 +29,15 @@ class DataSpec:
     source_channels: int
     target_channels: int = 1
     size: tuple[int, int] = (64, 64)
+
+
+def check_single_slices(name: str, data: DataSpec) -> None:
+    """Unpaired methods that translate both ways turn one target slice into one source slice, which cannot
+    give a forward network the 2k+1 neighbouring source slices of 2.5-D input."""
+    if data.source_channels != data.target_channels:
+        raise CrossdiffError(
+            f"{name} translates 2-D slices both ways, so the source needs {data.target_channels} channel(s) like "
+            f"the target, not {data.source_channels}: set `slices: {{context: 0}}` (2.5-D context cannot be cycled)")
 
 
 @dataclass

@@ -10,7 +10,7 @@ checkpoints, DDP) is the training loop's job.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -64,6 +64,14 @@ def adamw(parameters: Iterable[nn.Parameter], config: dict[str, Any]) -> torch.o
         weight_decay=float(config["weight_decay"]),
         betas=tuple(float(b) for b in config["betas"]),  # type: ignore[arg-type]
     )
+
+
+def adamw_groups(modules: dict[str, nn.Module], groups: dict[str, Sequence[str]],
+                 config: dict[str, Any]) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+    """One AdamW (`adamw`) per named group of modules, e.g. {"generators": [...], "discriminators": [...]}:
+    the `Method.optimizers` a method with several jointly trained networks returns."""
+    return {name: (adamw([p for module in names for p in modules[module].parameters()], config), list(names))
+            for name, names in groups.items()}
 
 
 def refuse_sampling(name: str, samples: int, options: dict[str, Any]) -> None:
