@@ -109,5 +109,6 @@ def _pick(path: Path, arrays: dict[str, np.ndarray], key: str | None) -> tuple[s
     images = {name: a for name, a in arrays.items() if a.ndim in (2, 3) and a.dtype.kind in "uif" and a.size > 1}
     if len(images) != 1:
         listed = ", ".join(f"{name} {arrays[name].shape}" for name in sorted(arrays)) or "none"
-        raise InputError(path, f"holds {len(images)} image-like arrays ({listed}); name one (--key NAME, or key: in the manifest)")
+        raise InputError(path, f"holds {len(images)} image-like arrays ({listed}); name one (--key NAME, or key: in the "
+                               "manifest)")
     return next(iter(images.items()))

@@ -30,9 +30,9 @@ from crossdiff import __version__
 from crossdiff.atomic import atomic_path
 from crossdiff.errors import CrossdiffError, InputError, InputWarning
 from crossdiff.methods import available_methods
+from crossdiff.study.cli import study_app
 
 SAMPLER_NAMES = ("ddpm", "ddim", "em", "pc", "ode")  # crossdiff.diffusion.samplers; the CLI names them for --help
-from crossdiff.study.cli import study_app
 
 if TYPE_CHECKING:
     from crossdiff.data.cases import PreparedCase
@@ -107,7 +107,8 @@ def info(
     path: InputPath,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a DICOM folder holds several series.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="CT, MR or PET, when the guess is wrong.")] = None,
-    units: Annotated[Optional[str], typer.Option(help="The image's units when crossdiff's decision is wrong (HU, display, a.u., SUVbw).")] = None,
+    units: Annotated[Optional[str], typer.Option(help="The image's units when crossdiff's decision is wrong (HU, display, "
+                                                      "a.u., SUVbw).")] = None,
     colour: Annotated[str, typer.Option(help="Colour images: refuse, or luminance.")] = "refuse",
     key: Annotated[Optional[str], typer.Option(help="Variable of a .npz/.mat file holding several arrays.")] = None,
 ) -> None:
@@ -145,12 +146,15 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Manifest to write (.json or .csv).")] = Path("manifest.json"),
     layout: Annotated[Optional[str], typer.Option(help="Force a layout instead of detecting it.")] = None,
     prefer: Annotated[str, typer.Option(help="nifti or dicom, where a case has both.")] = "nifti",
-    val: Annotated[float, typer.Option(help="Fraction of cases for validation (carved from training cases where folders fix the splits).")] = 0.0,
+    val: Annotated[float, typer.Option(help="Fraction of cases for validation (carved from training cases where folders fix "
+                                            "the splits).")] = 0.0,
     test: Annotated[float, typer.Option(help="Fraction of cases held out for testing.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the case split.")] = 0,
     name: Annotated[Optional[list[str]], typer.Option(help="Rename a modality key, e.g. --name a=mr --name b=ct.")] = None,
-    case_pattern: Annotated[Optional[str], typer.Option(help="Regex finding the case (patient) in a slice file name: group 'case', else group 1.")] = None,
-    units: Annotated[Optional[list[str]], typer.Option(help="Set a modality's units instead of crossdiff's decision, e.g. --units ct=display.")] = None,
+    case_pattern: Annotated[Optional[str], typer.Option(help="Regex finding the case (patient) in a slice file name: group "
+                                                             "'case', else group 1.")] = None,
+    units: Annotated[Optional[list[str]], typer.Option(help="Set a modality's units instead of crossdiff's decision, e.g. "
+                                                            "--units ct=display.")] = None,
 ) -> None:
     """Recognise a dataset's layout and write its manifest (cases, modalities, units, split by case)."""
     from crossdiff.data.layouts import prepare_dataset
@@ -217,7 +221,8 @@ def register_command(
     save_transform: Annotated[Optional[Path], typer.Option(help="Also write the transform (.tfm).")] = None,
     iterations: Annotated[int, typer.Option(help="Optimiser iterations per resolution level.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the metric's random sampling.")] = 0,
-    init: Annotated[str, typer.Option(help="Start: identity (shared frame of reference) or moments (centres of mass).")] = "identity",
+    init: Annotated[str, typer.Option(help="Start: identity (shared frame of reference) or moments (centres of "
+                                           "mass).")] = "identity",
     keep_worse: Annotated[bool, typer.Option("--keep-worse", metavar="", help="Keep a registration that lowers NMI.")] = False,
 ) -> None:
     """Register MOVING to FIXED with Mattes mutual information and resample it onto FIXED's grid.
@@ -342,7 +347,8 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (overrides the config).")] = None,
     stage: Annotated[Optional[str], typer.Option(help="cldm: autoencoder (stage 1) or diffusion (stage 2, the default).")] = None,
     autoencoder: Annotated[Optional[Path], typer.Option(help="cldm stage 2: the stage-1 run or checkpoint to build on.")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Folder of prepared cases to share between runs (default: RUN/cache).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder of prepared cases to share between runs (default: "
+                                                       "RUN/cache).")] = None,
 ) -> None:
     """Train a method on the manifest's train split, validating on its val split (else on a training case
     carved out, or with few cases on the training cases; never on test cases).
@@ -571,7 +577,8 @@ def _unpaired_split(manifest: Manifest, source: str, target: str, seed: int) -> 
 def translate(
     model: Annotated[Path, typer.Option(help="Checkpoint folder, its run folder, or checkpoints/latest.")],
     input: Annotated[Path, typer.Option(help="Source image (file or DICOM folder).")],
-    output: Annotated[Optional[Path], typer.Option(help="Translated image to write (NIfTI, MHA, NRRD, or PNG with the window said).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Translated image to write (NIfTI, MHA, NRRD, or PNG with the window "
+                                                        "said).")] = None,
     output_dicom: Annotated[Optional[Path], typer.Option(help="Folder for the sCT as a DICOM CT series (+ uncertainty).")] = None,
     reference_dicom: Annotated[Optional[Path], typer.Option(
         help="MR DICOM series whose patient, study and frame of reference the DICOM output joins (default: the input).")] = None,
@@ -584,12 +591,14 @@ def translate(
     option: Annotated[Optional[list[str]], typer.Option(help="Another method option KEY=VALUE (YAML value); repeatable.")] = None,
     mask: Annotated[str, typer.Option(help="Body mask file on the input grid, 'auto' (the input's automatic body mask) "
                                            "or 'none' (translate everything); outside it is background.")] = "auto",
-    match_spacing: Annotated[bool, typer.Option("--match-spacing", metavar="", help="Work at the training in-plane spacing.")] = False,
+    match_spacing: Annotated[bool, typer.Option("--match-spacing", metavar="", help="Work at the training in-plane "
+                                                                                    "spacing.")] = False,
     batch_size: Annotated[int, typer.Option(help="Slices per network call.")] = 8,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random draws: the same seed gives the same output.")] = 0,
     target: Annotated[Optional[str], typer.Option(help="Target of a multi-target model (`methods --model`).")] = None,
-    force: Annotated[bool, typer.Option("--force", metavar="", help="Translate even an input unlike the training data (warns).")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Translate even an input unlike the training data "
+                                                                    "(warns).")] = False,
     units: Annotated[Optional[str], typer.Option(help="The input's units when crossdiff's decision is wrong.")] = None,
     colour: Annotated[str, typer.Option(help="Colour input images: refuse, or luminance.")] = "refuse",
     png_window: Annotated[Optional[str], typer.Option(help="LOW,HIGH mapped to grey 0-255 for PNG output (default: "
@@ -797,8 +806,10 @@ def evaluate(
     modality: Annotated[str, typer.Option(help="auto, ct (HU) or mr (normalised [0, 1] scale).")] = "auto",
     key: Annotated[str, typer.Option(help="Modality key of the images in a manifest.")] = "ct",
     split: Annotated[Optional[str], typer.Option(help="Only this split of a manifest (train, val, test).")] = None,
-    units: Annotated[Optional[str], typer.Option(help="The references' units when crossdiff's decision is wrong (HU, display, a.u.).")] = None,
-    planar: Annotated[bool, typer.Option("--planar", metavar="", help="SSIM per 2-D slice (automatic for PNG stacks and thin cases).")] = False,
+    units: Annotated[Optional[str], typer.Option(help="The references' units when crossdiff's decision is wrong (HU, "
+                                                      "display, a.u.).")] = None,
+    planar: Annotated[bool, typer.Option("--planar", metavar="", help="SSIM per 2-D slice (automatic for PNG stacks and thin "
+                                                                      "cases).")] = False,
 ) -> None:
     """Score synthetic images against references: MAE, ME, PSNR, SSIM / MS-SSIM, MAE per tissue class."""
     from crossdiff.atomic import check_writable
@@ -824,8 +835,10 @@ def evaluate(
 @app.command()
 def benchmark(
     config: Annotated[Path, typer.Option(help="Benchmark YAML (see benchmarks/configs/).")],
-    quick: Annotated[bool, typer.Option("--quick", metavar="", help="Apply the config's 'quick' overrides (a run of minutes).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: crossdiff-runs/benchmark-<config name>[-quick]).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", metavar="", help="Apply the config's 'quick' overrides (a run of "
+                                                                    "minutes).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: crossdiff-runs/benchmark-<config "
+                                                     "name>[-quick]).")] = None,
     folds: Annotated[Optional[str], typer.Option(help="Only these folds, comma-separated (e.g. fold1,fold2): "
                                                       "parallel runs into one --out; a run without it reuses them.")] = None,
 ) -> None:

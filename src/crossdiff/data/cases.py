@@ -179,7 +179,8 @@ def _prepare_uncached(case_id: str, entry: CaseEntry, keys: list[str], config: P
         mask &= field_of_view
         notes += [f"{key}: {note}"] if note else []
     if not mask.any():
-        raise InputError(ref_files(entry.images[reference_key])[0], f"case {case_id}: the modalities do not overlap inside the body")
+        raise InputError(ref_files(entry.images[reference_key])[0], f"case {case_id}: the modalities do not overlap inside "
+                                                                    "the body")
     scalings = {key: _fit(key, volume, mask, config) for key, volume in aligned.items()}
     images = {key: scalings[key].apply(volume.array) for key, volume in aligned.items()}
     return PreparedCase(case_id, images, mask, reference.geometry, scalings, reference.planar, notes)
