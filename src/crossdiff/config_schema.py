@@ -286,15 +286,17 @@ def parse_option(text: str) -> tuple[str, Any]:
 def check_translate_options(method: Any, options: dict[str, Any]) -> None:
     """Translation options typed like the method's own settings (sampler, steps, batch) and, for
     diffusion methods, like the chosen sampler's keyword defaults (eta, snr, solver, rtol, ...).
-    Unknown names are left to the method, which refuses them by name."""
-    from crossdiff.diffusion.samplers import sampler_options
+    Unknown names, and samplers of other families (rflow's euler, heun), are left to the method, which
+    refuses them by name."""
+    from crossdiff.diffusion.samplers import SAMPLERS, sampler_options
 
     reference = {key: method.config[key] for key in ("sampler", "steps", "batch") if key in method.config}
     if "sampler" in reference:
         chosen = options.get("sampler", reference["sampler"])
         if not isinstance(chosen, str):
             raise CrossdiffError(f"option sampler: expected a sampler name, got {_shown(chosen)}")
-        reference |= {key: default for key, default in sampler_options(chosen).items() if default is not None}
+        if chosen in SAMPLERS:
+            reference |= {key: default for key, default in sampler_options(chosen).items() if default is not None}
     for key, value in options.items():
         if key in reference and value is not None:
             check_value(f"option {key}", value, reference[key])

@@ -87,6 +87,11 @@ class DistilledDiffusion(SingleLossMethod):
         self.optimizer = adamw(self.net.parameters(), self.config)
 
     @classmethod
+    def default_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """DISTILL_DEFAULTS: a student cannot be built without a teacher, so the defaults are read, not built."""
+        return dict(DISTILL_DEFAULTS)
+
+    @classmethod
     def with_paths_from(cls, config: dict[str, Any], folder: Path) -> dict[str, Any]:
         """A relative `teacher` is read from `folder`, the folder of the YAML that names it."""
         teacher = config.get("teacher")
@@ -101,7 +106,8 @@ class DistilledDiffusion(SingleLossMethod):
         if path is None:
             raise CrossdiffError("cddpm-distill starts from a trained cddpm: name its run in the method settings, "
                                  "teacher: RUN")
-        teacher, config, _, _ = load_method(path, "cpu")
+        with torch.device("cpu"):  # real weights even while the config check builds the student on 'meta'
+            teacher, config, _, _ = load_method(path, "cpu")
         if teacher.name != "cddpm":
             raise CrossdiffError(f"the teacher {path} is a {teacher.name} run; cddpm-distill distils a cddpm")
         if teacher.data != data:
