@@ -97,7 +97,8 @@ def _markdown(rows: list[dict[str, object]], steps: int) -> str:
         f"rigidly registered onto the MR, inside both bodies; mean of {DEFAULT_SAMPLES} draws). STS_003 is not used. "
         f"Code: {describe_code_version()}.",
         "",
-        "| candidate | method | MAE (HU) | bone MAE (HU) | PSNR | SSIM | Spearman (std, abs error) | median spread / median error (HU) |",
+        "| candidate | method | MAE (HU) | bone MAE (HU) | PSNR | SSIM | Spearman (std, abs error) | median spread / median "
+        "error (HU) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -125,7 +125,8 @@ class BrainUnpaired:
         return UnpairedSliceDataset([self.source], [self.target], "t1", "t2", BRAIN_SLICES, augment=True)
 
     def scores(self, model: LoadedModel, samples: int = 1) -> tuple[dict[str, float], dict[str, float]]:
-        """MAE (normalised) of the model and the three baselines, and Spearman of the model and of T1."""
+        """MAE (normalised) of the model and the three baselines, and Spearman of the model and of T1; with
+        samples > 1 also 'spread', the mean per-voxel std of the draws inside the brain (normalised scale)."""
         t1 = read_volume(self.files["new_t1"])
         brain = self.new.mask
         translated = translate_volume(model, t1, samples=samples, mask=Volume(brain.astype(np.uint8), t1.geometry, "mask"))
@@ -141,6 +142,9 @@ class BrainUnpaired:
 
         maes = {"model": mae(prediction), "identity": mae(new_t1), "histogram": mae(matched),
                 "constant": mae(float(np.median(self.target.images["t2"][self.target.mask])))}
+        if translated.std is not None:  # the scaling is linear inside its window: a std scales by its slope
+            scaling = self.spec.target_scaling
+            maes["spread"] = float(2.0 / (scaling.high - scaling.low) * translated.std.array[brain].mean())
         ranks = {"model": float(spearmanr(prediction, truth)[0]), "t1": float(spearmanr(new_t1, truth)[0])}
         return maes, ranks
 
@@ -155,3 +159,68 @@ def brain_unpaired(folder: Path) -> BrainUnpaired:
     spec = replace(ModelSpec.from_cases([source], "t1", "t1", BRAIN_SLICES, BRAIN_PREPARATION),
                    target="t2", target_scaling=target_scaling)  # as `crossdiff train` describes an unpaired model
     return BrainUnpaired(files, source, target, new, spec)
+
+
+# -------------------------------------------------------------------------------- paired brain T1 -> T2
+
+BRAIN_PAIRED_FILES = {"BraTS-GLI-00001-000": ("t1n", "t2w"), "TCGA-FG-6692": ("t1", "t2"), "TCGA-DU-7294": ("t1", "t2")}
+BRAIN_TRAINING = ("BraTS-GLI-00001-000", "TCGA-FG-6692")
+BRAIN_HELD_OUT = "TCGA-DU-7294"
+INTENSITY_BINS = 64
+
+
+@dataclass
+class BrainPaired:
+    """T1 and T2 of the same subject (co-registered, SRI24), two subjects to train on and TCGA-DU-7294 to
+    score, on the normalised scale inside the brain (the volumes shrunk for CPU as for BrainUnpaired).
+
+    Baselines fitted on the training pairs: the intensity map (the mean training T2 of each of 64 T1
+    intensity bins: the best any per-voxel function of T1 does in the L2 sense, what the `intensity-map`
+    reference learns) and the median training T2."""
+
+    cases: dict[str, PreparedCase]
+    files: dict[str, dict[str, Path]]
+    spec: ModelSpec
+    table: np.ndarray
+    constant: float
+
+    @property
+    def training(self) -> list[PreparedCase]:
+        return [self.cases[cid] for cid in BRAIN_TRAINING]
+
+    def _mapped(self, t1: np.ndarray) -> np.ndarray:
+        return self.table[np.clip(((t1 + 1.0) / 2.0 * INTENSITY_BINS).astype(int), 0, INTENSITY_BINS - 1)]
+
+    def scores(self, model: LoadedModel, samples: int = 1, **options) -> dict[str, float]:
+        """MAE (normalised) of the model, the intensity map and the constant on the held-out subject."""
+        held_out = self.cases[BRAIN_HELD_OUT]
+        t1 = read_volume(self.files[BRAIN_HELD_OUT]["t1"])
+        brain = held_out.mask
+        translated = translate_volume(model, t1, samples=samples, options=options,
+                                      mask=Volume(brain.astype(np.uint8), t1.geometry, "mask"))
+        prediction = self.spec.target_scaling.apply(translated.mean.array)[brain]
+        truth = held_out.images["t2"][brain]
+
+        def mae(guess: np.ndarray | float) -> float:
+            return float(np.abs(guess - truth).mean())
+
+        return {"model": mae(prediction), "intensity_map": mae(self._mapped(held_out.images["t1"][brain])),
+                "constant": mae(self.constant)}
+
+
+def brain_paired(folder: Path, slices: SliceConfig) -> BrainPaired:
+    require_shared()
+    files = {cid: {key: shrunk(BRAIN / cid / f"{name}.nii.gz", folder / f"{cid}-{key}.nii.gz")
+                   for key, name in zip(("t1", "t2"), names)} for cid, names in BRAIN_PAIRED_FILES.items()}
+    cases = {cid: prepare_case(cid, CaseEntry(images=images), BRAIN_PREPARATION) for cid, images in files.items()}
+    training = [cases[cid] for cid in BRAIN_TRAINING]
+    spec = ModelSpec.from_cases(training, "t1", "t2", slices, BRAIN_PREPARATION)
+    t1 = np.concatenate([case.images["t1"][case.mask] for case in training])
+    t2 = np.concatenate([case.images["t2"][case.mask] for case in training])
+    bins = np.clip(((t1 + 1.0) / 2.0 * INTENSITY_BINS).astype(int), 0, INTENSITY_BINS - 1)
+    counts = np.bincount(bins, minlength=INTENSITY_BINS)
+    sums = np.bincount(bins, weights=t2, minlength=INTENSITY_BINS)
+    filled = np.flatnonzero(counts)
+    nearest = filled[np.abs(np.arange(INTENSITY_BINS)[:, None] - filled[None]).argmin(axis=1)]
+    table = (sums[nearest] / counts[nearest]).astype(np.float32)
+    return BrainPaired(cases, files, spec, table, float(np.median(t2)))

@@ -75,3 +75,15 @@ def train_straight_and_killed(
     assert latest_checkpoint(killed).name == step_name(saved)  # the kill left the last checkpoint before it
     train(build(1), train_set, val_set, config, killed, resume=True, extra_config=extra)
     return straight, killed
+
+
+def assert_loads_its_ema_weights(run: Path, step: int, method) -> None:
+    """Every network of a method loaded from `run` holds exactly the EMA weights of its step-`step` checkpoint."""
+    from safetensors.torch import load_file
+
+    from crossdiff import checkpoints
+
+    saved = checkpoints.split_prefix(load_file(run / "checkpoints" / checkpoints.step_name(step) / "model.safetensors"), "ema")
+    for module, network in method.modules().items():
+        for key, value in network.state_dict().items():
+            assert (value == saved[module][key]).all(), (module, key)

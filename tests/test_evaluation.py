@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 from helpers import SARCOMA, assert_clear_failure, crossdiff, require_shared
+from safetensors.torch import save_file
 from scipy import ndimage, stats
 from scipy.signal import fftconvolve
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
@@ -414,35 +415,52 @@ def test_frechet_distance_matches_closed_forms():
     assert frechet_distance(mu1, c1, mu2, c2) == pytest.approx(full)
 
 
-class _SliceFeatures(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(1)
-        return torch.stack([flat.mean(1), flat.std(1), (flat > 0.5).float().mean(1)], dim=1)
+def _vgg16_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Seeded random weights in torchvision's `vgg16().features` layout (13 convolutions), saved as safetensors."""
+    generator = torch.Generator().manual_seed(3)
+    widths = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    weights = {}
+    for index, c_in, c_out in zip(indices, widths, widths[1:]):
+        weights[f"features.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=generator) * (2 / (9 * c_in)) ** 0.5
+        weights[f"features.{index}.bias"] = torch.randn(c_out, generator=generator) * 0.01
+    save_file(weights, str(path))
+    return weights
 
 
-def test_fid_is_computed_only_with_a_supplied_extractor(cts, tmp_path):
+def _vgg16_relu5_3_means(weights: dict[str, torch.Tensor], slices: np.ndarray) -> np.ndarray:
+    """VGG16's relu5_3 features averaged over each slice, written out with torch.nn.functional alone."""
+    x = torch.from_numpy(slices.astype(np.float32))[:, None].repeat(1, 3, 1, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    blocks = [[0, 2], [5, 7], [10, 12, 14], [17, 19, 21], [24, 26, 28]]
+    for number, block in enumerate(blocks):
+        if number:
+            x = torch.nn.functional.max_pool2d(x, 2, 2)
+        for index in block:
+            x = torch.relu(torch.nn.functional.conv2d(x, weights[f"features.{index}.weight"], weights[f"features.{index}.bias"],
+                                                      padding=1))
+    return x.mean(dim=(2, 3)).double().numpy()
+
+
+def test_fid_uses_vgg16_features_from_a_weights_file_and_refuses_programs(cts, tmp_path):
     ct, _ = cts["STS_003"]
-    real = np.clip((ct.array + 1024) / 4024, 0, 1)[10:40]
-    synthetic = np.clip((_shifted(ct, 2.0, 30.0, 40.0, seed=11) + 1024) / 4024, 0, 1)[10:40]
+    real = np.clip((ct.array + 1024) / 4024, 0, 1)[10:30, ::4, ::4]
+    synthetic = np.clip((_shifted(ct, 2.0, 30.0, 40.0, seed=11) + 1024) / 4024, 0, 1)[10:30, ::4, ::4]
     assert fid(real, synthetic, None).value is None and fid(real, synthetic, None).note == NOT_COMPUTED
-    extractor = tmp_path / "features.pt2"
-    batch = torch.export.Dim("batch", min=1)
-    exported = torch.export.export(_SliceFeatures(), (torch.rand(4, 1, *real.shape[1:]),), dynamic_shapes=({0: batch},))
-    torch.export.save(exported, str(extractor))
-    result = fid(real, synthetic, extractor)
-
-    def direct_features(slices):
-        flat = slices.reshape(len(slices), -1).astype(np.float32).astype(np.float64)
-        return np.stack([flat.mean(1), flat.std(1, ddof=1), (flat > 0.5).mean(1)], axis=1)
-
-    fr, fs = direct_features(real), direct_features(synthetic)
+    weights = _vgg16_weights(tmp_path / "vgg16.safetensors")
+    result = fid(real, synthetic, tmp_path / "vgg16.safetensors")
+    fr, fs = _vgg16_relu5_3_means(weights, real), _vgg16_relu5_3_means(weights, synthetic)
     c1, c2 = np.cov(fr, rowvar=False), np.cov(fs, rowvar=False)
     trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvals(c1 @ c2).real, 0, None)))
     direct = np.sum((fr.mean(0) - fs.mean(0)) ** 2) + np.trace(c1) + np.trace(c2) - 2 * trace_sqrt
-    assert result.value == pytest.approx(direct, rel=1e-3, abs=1e-9)
-    (tmp_path / "broken.pt2").write_bytes(b"not a network")
-    with pytest.raises(InputError, match="broken.pt2: could not be loaded"):
-        fid(real, synthetic, tmp_path / "broken.pt2")
+    assert result.value == pytest.approx(direct, rel=1e-3, abs=1e-6)
+    assert "VGG16 relu5_3" in result.note and "vgg16.safetensors" in result.note
+    (tmp_path / "program.pt2").write_bytes(b"an exported program")
+    with pytest.raises(InputError, match="program.pt2: is not a VGG16 weights file.*refused"):
+        fid(real, synthetic, tmp_path / "program.pt2")
+    (tmp_path / "broken.safetensors").write_bytes(b"not weights")
+    with pytest.raises(InputError, match="broken.safetensors: cannot read"):
+        fid(real, synthetic, tmp_path / "broken.safetensors")
 
 
 # ------------------------------------------------------------------------------------ figures, report
@@ -514,6 +532,8 @@ evaluation: {{slices: 8, noise_levels: [0.09]}}
     slowest = max(float(row["s_per_slice"]) for row in speed.values())
     for row in speed.values():
         assert float(row["speedup_vs_slowest"]) == pytest.approx(slowest / float(row["s_per_slice"]))
+    for row in _rows(out / "cost.csv"):  # each training process's own peak: torch alone takes more than 100 MB
+        assert 100 < float(row["train_peak_memory_mb"]) < 8192, row
     version = json.loads((out / "code-version.json").read_text())
     package = Path(crossdiff_package.__file__).parent
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=False)

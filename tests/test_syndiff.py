@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from heldout import BRAIN_SLICES, brain_unpaired, sarcoma_split
-from helpers import SAMPLE, train_straight_and_killed
+from helpers import SAMPLE, assert_loads_its_ema_weights, train_straight_and_killed
 from safetensors.torch import load_file
 
 from crossdiff import checkpoints, read_volume
@@ -184,10 +184,7 @@ def test_train_save_load_and_translate_a_volume_with_uncertainty(tmp_path, case,
     train(tiny(name=name), data, None, TrainConfig(steps=2, batch_size=4, log_every=1, device="cpu"), tmp_path / "run",
           extra_config=extra)
     model = load_model(tmp_path / "run", "cpu")
-    saved = checkpoints.split_prefix(load_file(tmp_path / "run/checkpoints/step-0000002/model.safetensors"), "ema")
-    for module, network in model.method.modules().items():
-        for key, value in network.state_dict().items():
-            assert torch.equal(value, saved[module][key]), (module, key)
+    assert_loads_its_ema_weights(tmp_path / "run", 2, model.method)
     mr = read_volume(SAMPLE / "mr.nii.gz")
     result = translate_volume(model, mr, samples=2, seed=3)
     assert result.mean.geometry == mr.geometry and result.mean.units == "HU"

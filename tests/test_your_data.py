@@ -129,7 +129,8 @@ def test_display_ct_is_scored_on_its_grey_range_with_a_bone_class(tmp_path: Path
 
 
 def test_one_slice_cases_are_scored_with_2d_ssim() -> None:
-    ct, pd = SHARED_DATA / "brainweb-t1-pd-slices/BrainT1Slice.png", SHARED_DATA / "brainweb-t1-pd-slices/BrainProtonDensitySlice.png"
+    slices = SHARED_DATA / "brainweb-t1-pd-slices"
+    ct, pd = slices / "BrainT1Slice.png", slices / "BrainProtonDensitySlice.png"
     evaluation = evaluate_cases([EvaluationCase("slice", pd, ct, None)], modality="mr")
     assert "ssim_2d" in evaluation.cases[0].values and 0 < evaluation.cases[0].values["ssim_2d"] < 1
 

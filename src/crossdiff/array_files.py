@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from crossdiff.errors import InputError
+from crossdiff.headers.arrays import check_mat, check_npy, check_npz
 from crossdiff.volumes import Geometry, Volume
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".mat")
@@ -27,9 +28,11 @@ def read_array_file(path: Path, key: str | None = None) -> Volume:
     .npz/.mat holding several (one numeric array alone needs no name)."""
     name = path.name.lower()
     if name.endswith(".npy"):
+        check_npy(path)
         array, order = _load_npy(path), "slices along the first axis"
         chosen = None
     elif name.endswith(".npz"):
+        check_npz(path)
         chosen, array = _pick(path, _npz_arrays(path), key)
         order = "slices along the first axis"
     else:
@@ -66,7 +69,9 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
 def _read_mat(path: Path, key: str | None) -> tuple[str, np.ndarray, str]:
     with path.open("rb") as handle:
         head = handle.read(520)
-    if HDF5_SIGNATURE in head[:8] or HDF5_SIGNATURE in head[512:520]:  # v7.3: HDF5 after a 512-byte header
+    hdf5 = HDF5_SIGNATURE in head[:8] or HDF5_SIGNATURE in head[512:520]  # v7.3: HDF5 after a 512-byte header
+    check_mat(path, hdf5)
+    if hdf5:
         chosen, array = _pick(path, _hdf5_arrays(path), key)
         order = "MATLAB v7.3 (HDF5) array, axes reversed to (slices, rows, cols)"
         return chosen, np.transpose(array, (0, 2, 1)) if array.ndim == 3 else array.T, order
@@ -81,7 +86,7 @@ def _hdf5_arrays(path: Path) -> dict[str, np.ndarray]:
     try:
         with h5py.File(path, "r") as handle:
             return {name: np.asarray(item) for name, item in handle.items() if isinstance(item, h5py.Dataset)}
-    except OSError as error:
+    except Exception as error:  # h5py raises many kinds on a damaged file (OSError, KeyError, ValueError, ...)
         raise InputError(path, f"could not be read as a MATLAB v7.3 (HDF5) file ({error})") from None
 
 
@@ -90,7 +95,7 @@ def _scipy_mat_arrays(path: Path) -> dict[str, np.ndarray]:
 
     try:
         content = loadmat(path)
-    except (ValueError, NotImplementedError, TypeError, OSError) as error:
+    except Exception as error:  # scipy raises many kinds on a damaged file; loadmat runs no code from it
         raise InputError(path, f"could not be read as a MATLAB file ({error})") from None
     return {name: value for name, value in content.items() if not name.startswith("__") and isinstance(value, np.ndarray)}
 
@@ -104,5 +109,6 @@ def _pick(path: Path, arrays: dict[str, np.ndarray], key: str | None) -> tuple[s
     images = {name: a for name, a in arrays.items() if a.ndim in (2, 3) and a.dtype.kind in "uif" and a.size > 1}
     if len(images) != 1:
         listed = ", ".join(f"{name} {arrays[name].shape}" for name in sorted(arrays)) or "none"
-        raise InputError(path, f"holds {len(images)} image-like arrays ({listed}); name one (--key NAME, or key: in the manifest)")
+        raise InputError(path, f"holds {len(images)} image-like arrays ({listed}); name one (--key NAME, or key: in the "
+                               "manifest)")
     return next(iter(images.items()))

@@ -16,22 +16,26 @@ Tensors live in safetensors files and everything else in JSON/YAML: loading neve
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from crossdiff.atomic import atomic_directory, write_json, write_text
-from crossdiff.errors import InputError, error_summary
+from crossdiff.atomic import atomic_directory, check_writable, fsync_folder, remove_stale, write_json, write_text
+from crossdiff.config_schema import check_section, check_value, read_json, read_yaml
+from crossdiff.errors import CrossdiffError, InputError, error_summary
+from crossdiff.file_checks import file_status, is_regular_file
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -68,6 +72,7 @@ def save_checkpoint(
 def export_checkpoint(checkpoint: Path, destination: Path, record: dict[str, Any] | None = None) -> Path:
     """A folder to ship or share: config.yaml and the EMA weights only (no optimiser or RNG state, a
     third of the size), plus an optional training record. `load_model` reads it like any checkpoint."""
+    check_writable(destination)
     folder = checkpoint_folder(Path(checkpoint))
     config = read_config(folder)
     tensors, metadata = read_tensors(folder / MODEL_FILE)
@@ -96,14 +101,27 @@ def write_yaml(path: Path, payload: dict[str, Any]) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint `latest` points to, or None when the run has none yet."""
-    link = Path(run_dir) / CHECKPOINTS / LATEST
-    return link.resolve() if link.exists() else None
+    """The checkpoint `latest` points to, or None when the run has none yet; a `latest` that points
+    anywhere but to a step-N folder of this run is refused (a crafted link must not redirect a resume)."""
+    root = Path(run_dir) / CHECKPOINTS
+    link = root / LATEST
+    if not os.path.lexists(link):
+        return None
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError):  # a dangling link, or one that loops
+        raise InputError(link, "does not point to a checkpoint folder of this run (the link is broken)") from None
+    if target.parent != root.resolve() or not STEP_NAME.match(target.name) or not target.is_dir():
+        raise InputError(link, "does not point to a checkpoint folder of this run (step-NNNNNNN beside it)")
+    return target
 
 
 def checkpoint_folder(path: Path) -> Path:
     """Accept a checkpoint folder, its `latest` link, or a run folder (its latest checkpoint)."""
     path = Path(path)
+    if not os.path.lexists(path):
+        raise InputError(path, "checkpoint does not exist")
+    file_status(path)  # a name too long, a folder without permission: said here, not as a traceback
     if (path / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -111,44 +129,76 @@ def checkpoint_folder(path: Path) -> Path:
         return latest
     if (path / CONFIG_FILE).is_file():
         return path.resolve()
-    if not path.exists():
-        raise InputError(path, "checkpoint does not exist")
     raise InputError(path, f"not a crossdiff checkpoint: no {CONFIG_FILE} and no {CHECKPOINTS} folder")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(path, "checkpoint configuration is missing")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise InputError(path, f"checkpoint configuration is not valid YAML ({error_summary(error)})") from None
+    config = read_yaml(path, "checkpoint configuration")
     if not isinstance(config, dict):
         raise InputError(path, "checkpoint configuration is not a mapping")
     return config
 
 
+@dataclass
+class _State:
+    """The types of state.json (what `_TrainingState.save` writes), checked before a run resumes from it."""
+
+    step: int
+    optimizers: dict[str, dict[str, Any]]
+    scaler: dict[str, Any] | None
+    rng: dict[str, list[Any]]
+    validation: list[dict[str, float]]
+    world_size: int
+
+
 def read_state(folder: Path) -> dict[str, Any]:
+    """state.json of a checkpoint, its structure checked: the step a resumed run continues from must be a
+    whole number >= 0 that agrees with the folder's name (a crafted 'step: 1e12' would end the run at once)."""
     path = Path(folder) / STATE_FILE
+    if not os.path.lexists(path):
+        raise InputError(path, "training state is missing; this checkpoint cannot resume training")
+    state = read_json(path, "training state")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "training state is missing; this checkpoint cannot resume training") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(path, f"training state is corrupt ({error})") from None
+        check_section("state", state, _State)
+    except CrossdiffError as error:
+        raise InputError(path, f"training state is corrupt: {error}") from None
+    named = STEP_NAME.match(Path(folder).name)
+    if state["step"] < 0 or state["world_size"] < 1 or (named is not None and int(named.group(1)) != state["step"]):
+        raise InputError(path, f"training state is corrupt: step {state['step']} (world size {state['world_size']}) "
+                               f"in checkpoint {Path(folder).name}")
+    if not {"python", "numpy"} <= set(state["rng"]):
+        raise InputError(path, "training state is corrupt: its random-number states are missing")
+    return state
 
 
 def read_tensors(path: Path) -> tuple[Tensors, dict[str, str]]:
     """Tensors and metadata of a safetensors file, on the CPU; a missing, truncated or foreign file is an
     InputError naming it."""
+    with _safetensors(path) as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a safetensors file, read from its header alone (nothing allocated)."""
+    with _safetensors(path) as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+@contextlib.contextmanager
+def _safetensors(path: Path) -> Iterator[Any]:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint file is missing")
+    if not is_regular_file(path):
+        missing = not os.path.lexists(path)
+        raise InputError(path, "checkpoint file is missing" if missing else "checkpoint file is not a regular file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as error:
+            yield handle
+    except InputError:
+        raise
+    except Exception as error:  # safetensors (Rust) raises its own and Python errors on damaged headers; no code runs
         raise InputError(path, f"checkpoint file is corrupt or not a safetensors file ({error_summary(error)})") from None
 
 
@@ -179,11 +229,33 @@ def optimizer_state(name: str, optimizer: torch.optim.Optimizer) -> tuple[Tensor
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, name: str, tensors: Tensors, plain: dict[str, Any]
 ) -> None:
+    """Restore a state saved by `optimizer_state`, after checking that it fits `optimizer`: torch takes
+    any param_groups (a missing 'betas' surfaces only as a KeyError at the next step) and any tensor shapes."""
     state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in plain["state"].items()}
     for rest, value in split_prefix(tensors, "optimizer").get(name, {}).items():
         param_id, key = rest.split("/", 1)
         state.setdefault(int(param_id), {})[key] = value
+    _check_optimizer_fit(optimizer, name, plain["param_groups"], state)
     optimizer.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+
+
+def _check_optimizer_fit(optimizer: torch.optim.Optimizer, name: str, groups: Any, state: dict[int, dict[str, Any]]) -> None:
+    current = optimizer.state_dict()["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(current):
+        raise ValueError(f"optimizer {name}: {len(current)} parameter group(s) expected")
+    for index, (saved, live) in enumerate(zip(groups, current)):
+        if not isinstance(saved, dict) or set(saved) != set(live) or len(saved["params"]) != len(live["params"]):
+            raise ValueError(f"optimizer {name}: parameter group {index} has other settings or parameters than this run's")
+        for key, value in saved.items():
+            check_value(f"optimizers.{name}.param_groups[{index}].{key}", value, live[key])
+    shapes = [p.shape for group in optimizer.param_groups for p in group["params"]]
+    for param_id, entries in state.items():
+        if not 0 <= param_id < len(shapes):
+            raise ValueError(f"optimizer {name}: state for parameter {param_id}, which this run does not have")
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape != shapes[param_id]:
+                raise ValueError(f"optimizer {name}: {key} of parameter {param_id} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(shapes[param_id])}")
 
 
 def rng_state() -> tuple[Tensors, dict[str, Any]]:
@@ -217,11 +289,14 @@ def _detached(tensors: Tensors) -> Tensors:
 
 
 def _point_latest(root: Path, name: str) -> None:
-    """Re-point `latest` with a rename, which replaces the old link in one step."""
-    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
+    """Re-point `latest` with a rename, which replaces the old link in one step, and flush the folder:
+    `latest` is only renamed once the checkpoint it names is on the disk."""
+    remove_stale(root, f".{LATEST}.")
+    tmp = root / f".{LATEST}.{os.getpid()}.link.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(name)
     os.replace(tmp, root / LATEST)
+    fsync_folder(root)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -27,15 +28,15 @@ from rich.table import Table
 
 from crossdiff import __version__
 from crossdiff.atomic import atomic_path
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, InputError, InputWarning
 from crossdiff.methods import available_methods
+from crossdiff.study.cli import study_app
 
 SAMPLER_NAMES = ("ddpm", "ddim", "em", "pc", "ode")  # crossdiff.diffusion.samplers; the CLI names them for --help
 BATCH_HELP = "(slice, draw) items per network batch (default: chosen for the device; the result does not depend on it)."
 PRECISION_HELP = ("Network arithmetic: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16 "
                   "(GPU).")
 COMPILE_HELP = "torch.compile the networks (CUDA graphs on a GPU); pays off for large volumes."
-from crossdiff.study.cli import study_app
 
 if TYPE_CHECKING:
     from crossdiff.acceleration import Acceleration
@@ -62,15 +63,40 @@ InputPath = Annotated[Path, typer.Argument(help="Image file (NIfTI, MHA, NRRD, P
 
 
 def main() -> None:
-    """Console-script entry point: user errors print one clear line and exit 1."""
+    """Console-script entry point: user errors print one clear line and exit 1, and so do the system's
+    refusals (a full disk, a read-only folder, no memory left); warnings about inputs print one line each."""
+    warnings.simplefilter("always", InputWarning)
+    warnings.showwarning = _show_warning
     try:
         app()
     except CrossdiffError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error))
+    except MemoryError:
+        _fail("out of memory: the input or the settings need more memory than this machine has")
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
+_python_showwarning = warnings.showwarning
+
+
+_SHOWN_WARNINGS: set[str] = set()  # what an InputWarning already said, so `info` does not say it twice
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    if issubclass(category, InputWarning):
+        _SHOWN_WARNINGS.add(getattr(message, "problem", str(message)))
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
@@ -86,7 +112,8 @@ def info(
     path: InputPath,
     series: Annotated[Optional[str], typer.Option(help="SeriesInstanceUID when a DICOM folder holds several series.")] = None,
     modality: Annotated[Optional[str], typer.Option(help="CT, MR or PET, when the guess is wrong.")] = None,
-    units: Annotated[Optional[str], typer.Option(help="The image's units when crossdiff's decision is wrong (HU, display, a.u., SUVbw).")] = None,
+    units: Annotated[Optional[str], typer.Option(help="The image's units when crossdiff's decision is wrong (HU, display, "
+                                                      "a.u., SUVbw).")] = None,
     colour: Annotated[str, typer.Option(help="Colour images: refuse, or luminance.")] = "refuse",
     key: Annotated[Optional[str], typer.Option(help="Variable of a .npz/.mat file holding several arrays.")] = None,
 ) -> None:
@@ -112,7 +139,7 @@ def info(
     for name, value in rows.items():
         table.add_row(name, value)
     out_console.print(table)
-    for warning in volume.warnings:
+    for warning in (w for w in volume.warnings if w not in _SHOWN_WARNINGS):
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
@@ -124,12 +151,15 @@ def prepare(
     out: Annotated[Path, typer.Option(help="Manifest to write (.json or .csv).")] = Path("manifest.json"),
     layout: Annotated[Optional[str], typer.Option(help="Force a layout instead of detecting it.")] = None,
     prefer: Annotated[str, typer.Option(help="nifti or dicom, where a case has both.")] = "nifti",
-    val: Annotated[float, typer.Option(help="Fraction of cases for validation (carved from training cases where folders fix the splits).")] = 0.0,
+    val: Annotated[float, typer.Option(help="Fraction of cases for validation (carved from training cases where folders fix "
+                                            "the splits).")] = 0.0,
     test: Annotated[float, typer.Option(help="Fraction of cases held out for testing.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the case split.")] = 0,
     name: Annotated[Optional[list[str]], typer.Option(help="Rename a modality key, e.g. --name a=mr --name b=ct.")] = None,
-    case_pattern: Annotated[Optional[str], typer.Option(help="Regex finding the case (patient) in a slice file name: group 'case', else group 1.")] = None,
-    units: Annotated[Optional[list[str]], typer.Option(help="Set a modality's units instead of crossdiff's decision, e.g. --units ct=display.")] = None,
+    case_pattern: Annotated[Optional[str], typer.Option(help="Regex finding the case (patient) in a slice file name: group "
+                                                             "'case', else group 1.")] = None,
+    units: Annotated[Optional[list[str]], typer.Option(help="Set a modality's units instead of crossdiff's decision, e.g. "
+                                                            "--units ct=display.")] = None,
 ) -> None:
     """Recognise a dataset's layout and write its manifest (cases, modalities, units, split by case)."""
     from crossdiff.data.layouts import prepare_dataset
@@ -196,7 +226,8 @@ def register_command(
     save_transform: Annotated[Optional[Path], typer.Option(help="Also write the transform (.tfm).")] = None,
     iterations: Annotated[int, typer.Option(help="Optimiser iterations per resolution level.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of the metric's random sampling.")] = 0,
-    init: Annotated[str, typer.Option(help="Start: identity (shared frame of reference) or moments (centres of mass).")] = "identity",
+    init: Annotated[str, typer.Option(help="Start: identity (shared frame of reference) or moments (centres of "
+                                           "mass).")] = "identity",
     keep_worse: Annotated[bool, typer.Option("--keep-worse", metavar="", help="Keep a registration that lowers NMI.")] = False,
 ) -> None:
     """Register MOVING to FIXED with Mattes mutual information and resample it onto FIXED's grid.
@@ -321,7 +352,8 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto (overrides the config).")] = None,
     stage: Annotated[Optional[str], typer.Option(help="cldm: autoencoder (stage 1) or diffusion (stage 2, the default).")] = None,
     autoencoder: Annotated[Optional[Path], typer.Option(help="cldm stage 2: the stage-1 run or checkpoint to build on.")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Folder of prepared cases to share between runs (default: RUN/cache).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder of prepared cases to share between runs (default: "
+                                                       "RUN/cache).")] = None,
 ) -> None:
     """Train a method on the manifest's train split, validating on its val split (else on a training case
     carved out, or with few cases on the training cases; never on test cases).
@@ -343,6 +375,8 @@ def train(
     staged = bool(cls.training_stages)  # cldm: an autoencoder, then diffusion in its latent space
     targets = _targets(cls, target, stage, autoencoder, resume)
     settings = _run_settings(out, config, resume, source, targets)
+    if config is not None:
+        settings["method"] = cls.with_paths_from(settings["method"], config.parent)
     if staged:
         settings["method"] |= {"targets": targets, **({"stage": stage} if stage else {})}
     overrides = {k: v for k, v in {"steps": steps, "batch_size": batch_size, "device": device}.items() if v is not None}
@@ -351,6 +385,7 @@ def train(
     preparation = PreparationConfig.from_dict(
         {"modalities": [source, *targets], "reference": targets[0], **settings["preparation"]}
     )
+    _check_method_section(method, settings["method"], slices, autoencoder is None, config or out / "config.yaml")
     loaded = load_manifest(manifest)
     if cls.paired:
         train_ids, val_ids, note = _training_split(loaded, source, targets, training.seed)
@@ -399,6 +434,20 @@ def train(
         _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
 
 
+def _check_method_section(method: str, section: dict, slices: SliceConfig, build: bool, source: Path) -> None:
+    """The method section typed and (unless it is completed later, as cldm's new diffusion stage) built on
+    the meta device, before any case is prepared; its errors name the config file they came from."""
+    from crossdiff.config_schema import check_method_settings
+    from crossdiff.methods.base import DataSpec
+
+    try:
+        check_method_settings(method, section, DataSpec(slices.channels, 1, slices.size), build=build)
+    except InputError:
+        raise
+    except CrossdiffError as error:
+        raise InputError(source, str(error)) from None
+
+
 def _targets(cls: type, target: str, stage: str | None, autoencoder: Path | None, resume: bool) -> list[str]:
     """--target as a list: several keys (comma-separated) only for a multi-target method (cldm). Also
     refuses, before any case is prepared, stage options that do not fit: only cldm has stages, and only
@@ -437,9 +486,10 @@ def _report_reconstruction(
 
 def _run_settings(out: Path, config: Path | None, resume: bool, source: str, targets: list[str]) -> dict[str, dict]:
     """The sections of a new run's YAML, or the saved settings of the run being resumed."""
-    import yaml
-
-    from crossdiff.training import RUN_CONFIG
+    from crossdiff.config_schema import mapping, read_yaml
+    from crossdiff.data.cases import PreparationConfig
+    from crossdiff.data.slices import SliceConfig
+    from crossdiff.training import RUN_CONFIG, TrainConfig
 
     if resume:
         if config is not None:
@@ -447,22 +497,30 @@ def _run_settings(out: Path, config: Path | None, resume: bool, source: str, tar
         saved_file = out / RUN_CONFIG
         if not saved_file.is_file():
             raise CrossdiffError(f"{out}: nothing to resume ({RUN_CONFIG} is missing)")
-        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8"))
-        model = saved["model"]
-        made = [model["target"], *model.get("other_targets", {})]
+        saved = mapping(saved_file, read_yaml(saved_file, "run configuration"), "run configuration")
+        try:
+            model = saved["model"]
+            made = [model["target"], *model.get("other_targets", {})]
+            sections = {"method": dict(saved["method"]["config"]), **{key: dict(saved[key]) for key in TRAIN_SECTIONS[1:]}}
+        except (KeyError, TypeError, ValueError) as error:
+            raise InputError(saved_file, f"is not a crossdiff run configuration (missing or malformed {error})") from None
         if (model["source"], made) != (source, targets):
             raise CrossdiffError(f"{out} translates {model['source']} to {','.join(made)}, not {source} to {','.join(targets)}")
-        return {"method": saved["method"]["config"], **{key: saved[key] for key in TRAIN_SECTIONS[1:]}}
+        return sections
     if config is None:
         return {section: {} for section in TRAIN_SECTIONS}
-    try:
-        loaded = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise CrossdiffError(f"{config}: cannot read the config ({str(error).splitlines()[0]})") from None
-    unknown = sorted(set(loaded) - set(TRAIN_SECTIONS)) if isinstance(loaded, dict) else ["(not a mapping)"]
+    loaded = mapping(config, read_yaml(config, "config"), "config")
+    unknown = sorted(set(loaded) - set(TRAIN_SECTIONS))
     if unknown:
         raise CrossdiffError(f"{config}: unknown section(s) {', '.join(unknown)}; use {', '.join(TRAIN_SECTIONS)}")
-    return {section: dict(loaded.get(section) or {}) for section in TRAIN_SECTIONS}
+    sections = {section: dict(mapping(config, loaded.get(section), f"section {section!r}")) for section in TRAIN_SECTIONS}
+    try:  # checked here too (train builds them again with the command's overrides), so errors name the file
+        TrainConfig.from_dict(sections["training"])
+        SliceConfig.from_dict(sections["slices"])
+        PreparationConfig.from_dict({"modalities": [source, *targets], "reference": targets[0], **sections["preparation"]})
+    except CrossdiffError as error:
+        raise InputError(config, str(error)) from None
+    return sections
 
 
 CARVE_FROM = 4  # training cases needed before one is carved out for validation
@@ -524,7 +582,8 @@ def _unpaired_split(manifest: Manifest, source: str, target: str, seed: int) -> 
 def translate(
     model: Annotated[Path, typer.Option(help="Checkpoint folder, its run folder, or checkpoints/latest.")],
     input: Annotated[Path, typer.Option(help="Source image (file or DICOM folder).")],
-    output: Annotated[Optional[Path], typer.Option(help="Translated image to write (NIfTI, MHA, NRRD, or PNG with the window said).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Translated image to write (NIfTI, MHA, NRRD, or PNG with the window "
+                                                        "said).")] = None,
     output_dicom: Annotated[Optional[Path], typer.Option(help="Folder for the sCT as a DICOM CT series (+ uncertainty).")] = None,
     reference_dicom: Annotated[Optional[Path], typer.Option(
         help="MR DICOM series whose patient, study and frame of reference the DICOM output joins (default: the input).")] = None,
@@ -537,14 +596,16 @@ def translate(
     option: Annotated[Optional[list[str]], typer.Option(help="Another method option KEY=VALUE (YAML value); repeatable.")] = None,
     mask: Annotated[str, typer.Option(help="Body mask file on the input grid, 'auto' (the input's automatic body mask) "
                                            "or 'none' (translate everything); outside it is background.")] = "auto",
-    match_spacing: Annotated[bool, typer.Option("--match-spacing", metavar="", help="Work at the training in-plane spacing.")] = False,
+    match_spacing: Annotated[bool, typer.Option("--match-spacing", metavar="", help="Work at the training in-plane "
+                                                                                    "spacing.")] = False,
     batch_size: Annotated[Optional[int], typer.Option(help=BATCH_HELP)] = None,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     compile: Annotated[bool, typer.Option("--compile", metavar="", help=COMPILE_HELP)] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or auto.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random draws: the same seed gives the same output.")] = 0,
     target: Annotated[Optional[str], typer.Option(help="Target of a multi-target model (`methods --model`).")] = None,
-    force: Annotated[bool, typer.Option("--force", metavar="", help="Translate even an input unlike the training data (warns).")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Translate even an input unlike the training data "
+                                                                    "(warns).")] = False,
     units: Annotated[Optional[str], typer.Option(help="The input's units when crossdiff's decision is wrong.")] = None,
     colour: Annotated[str, typer.Option(help="Colour input images: refuse, or luminance.")] = "refuse",
     png_window: Annotated[Optional[str], typer.Option(help="LOW,HIGH mapped to grey 0-255 for PNG output (default: "
@@ -734,28 +795,19 @@ def export(
     record: Annotated[Optional[Path], typer.Option(help="JSON training record to ship beside the weights.")] = None,
 ) -> None:
     """Write a trained model without its training state, to share or ship; `translate --model` reads it."""
-    import json
-
     from crossdiff.checkpoints import export_checkpoint
+    from crossdiff.config_schema import read_json
 
-    details = None
-    if record is not None:
-        try:
-            details = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise CrossdiffError(f"{record}: cannot read the training record ({error})") from None
+    details = read_json(record, "training record") if record is not None else None
     export_checkpoint(model, out, details)
     out_console.print(f"wrote {out}", soft_wrap=True, highlight=False)
 
 
 def _option(text: str) -> tuple[str, object]:
     """KEY=VALUE with VALUE read as YAML, so numbers and booleans arrive typed (eta=0.5, clip=false)."""
-    import yaml
+    from crossdiff.config_schema import parse_option
 
-    if "=" not in text:
-        raise CrossdiffError(f"--option expects KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return parse_option(text)
 
 
 @app.command()
@@ -768,14 +820,19 @@ def evaluate(
     modality: Annotated[str, typer.Option(help="auto, ct (HU) or mr (normalised [0, 1] scale).")] = "auto",
     key: Annotated[str, typer.Option(help="Modality key of the images in a manifest.")] = "ct",
     split: Annotated[Optional[str], typer.Option(help="Only this split of a manifest (train, val, test).")] = None,
-    units: Annotated[Optional[str], typer.Option(help="The references' units when crossdiff's decision is wrong (HU, display, a.u.).")] = None,
-    planar: Annotated[bool, typer.Option("--planar", metavar="", help="SSIM per 2-D slice (automatic for PNG stacks and thin cases).")] = False,
+    units: Annotated[Optional[str], typer.Option(help="The references' units when crossdiff's decision is wrong (HU, "
+                                                      "display, a.u.).")] = None,
+    planar: Annotated[bool, typer.Option("--planar", metavar="", help="SSIM per 2-D slice (automatic for PNG stacks and thin "
+                                                                      "cases).")] = False,
 ) -> None:
     """Score synthetic images against references: MAE, ME, PSNR, SSIM / MS-SSIM, MAE per tissue class."""
+    from crossdiff.atomic import check_writable
     from crossdiff.evaluation.console import evaluation_table
     from crossdiff.evaluation.evaluate import evaluate_cases, write_evaluation
     from crossdiff.evaluation.pairing import pair_inputs
 
+    if out is not None:
+        check_writable(out)  # before the scoring, not after it
     pairing = pair_inputs(pred, ref, mask, key=key.lower(), split=split)
     with progress("scoring", total=len(pairing.cases)) as (bar, task):
         evaluation = evaluate_cases(
@@ -792,8 +849,10 @@ def evaluate(
 @app.command()
 def benchmark(
     config: Annotated[Path, typer.Option(help="Benchmark YAML (see benchmarks/configs/).")],
-    quick: Annotated[bool, typer.Option("--quick", metavar="", help="Apply the config's 'quick' overrides (a run of minutes).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: crossdiff-runs/benchmark-<config name>[-quick]).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", metavar="", help="Apply the config's 'quick' overrides (a run of "
+                                                                    "minutes).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: crossdiff-runs/benchmark-<config "
+                                                     "name>[-quick]).")] = None,
     folds: Annotated[Optional[str], typer.Option(help="Only these folds, comma-separated (e.g. fold1,fold2): "
                                                       "parallel runs into one --out; a run without it reuses them.")] = None,
 ) -> None:

@@ -23,8 +23,9 @@ import numpy as np
 import yaml
 
 from crossdiff.acceleration import Acceleration
-from crossdiff.atomic import atomic_directory, write_json, write_text
+from crossdiff.atomic import atomic_directory, check_writable, write_json, write_text
 from crossdiff.checkpoints import RECORD_FILE
+from crossdiff.config_schema import read_json
 from crossdiff.data.manifest import CaseEntry
 from crossdiff.errors import InputError
 from crossdiff.evaluation.metrics import case_metrics
@@ -100,6 +101,7 @@ def run_demo(
     translate_volume's. The summary's `timings` say where the seconds went."""
     clock = _Laps()
     acceleration = acceleration or Acceleration()
+    check_writable(out)  # before minutes of work, not after
     entry = sample_entry(sample_dir)
     model_dir = sample_dir / MODEL_FOLDER if model_dir is None else Path(model_dir)
     model = load_model(model_dir, device)
@@ -120,7 +122,7 @@ def run_demo(
     correlation = uncertainty_error_correlation(spread, error, region) if samples > 1 else None
     clock.lap("metrics")
     record_file = model_dir / RECORD_FILE
-    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    record = read_json(record_file, "training record") if record_file.is_file() else {}
     settings = {"case": SAMPLE_CASE, "model": str(model_dir), "method": model.method.name, "device": device,
                 "samples": samples, "steps": steps or model.method.config.get("steps"), "seed": seed,
                 "sampler": model.method.config.get("sampler"), "precision": acceleration.resolved(model.device)}

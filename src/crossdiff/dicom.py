@@ -9,7 +9,6 @@ out in HU and PET in the units the file declares.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,9 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from crossdiff.errors import InputError, error_summary
+from crossdiff.errors import InputError, error_summary, warn_input
+from crossdiff.file_checks import check_geometry, is_regular_file, require_regular_file
+from crossdiff.headers.dicom import check_image, numbers, read_dataset, value
 from crossdiff.volumes import Volume
 
 MODALITY_FAMILY = {"CT": "CT", "MR": "MR", "PT": "PET", "PET": "PET"}
@@ -26,6 +27,13 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 # Objects that live beside images in a series folder but are not voxel images themselves.
 NON_IMAGE_MODALITIES = frozenset({"RTSTRUCT", "SEG", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+# What the standard makes Type 1 for each modality crossdiff translates: the image plane, and the rescale
+# that puts CT in HU and PET in its units (without it one slice would be on another scale than the rest).
+RESCALE_REQUIRED = {"CT": ("RescaleSlope", "RescaleIntercept"), "PT": ("RescaleSlope", "RescaleIntercept"),
+                    "PET": ("RescaleSlope", "RescaleIntercept")}
+# Tags every slice of one series must agree on, or GDCM would read all slices with the first one's.
+SERIES_CONSTANTS = ("PixelSpacing", "ImageOrientationPatient", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation", "Modality")
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,14 @@ def list_series(folder: str | Path) -> list[SeriesInfo]:
 def _group_series(folder: Path) -> list[tuple[SeriesInfo, list[pydicom.Dataset]]]:
     """Series of `folder` with their headers in slice order, so they are parsed only once."""
     groups: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
-    for path, header in _scan(folder):
+    images, others = _scan(folder)
+    for path, header in images:
         groups.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
+    for path, header in others:  # a member of an image series that is no image: a damaged slice, not a note
+        modality = str(header.get("Modality", "")).upper()
+        if str(header.SeriesInstanceUID) in groups and modality not in NON_IMAGE_MODALITIES:
+            raise InputError(path, f"belongs to image series {header.SeriesInstanceUID} but is not a readable image "
+                                   "(it lacks Rows or Columns): the file is damaged")
     series = []
     for uid, members in groups.items():
         members.sort(key=_slice_key)
@@ -107,6 +121,7 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
         image = reader.Execute()
     except RuntimeError as error:
         raise _unreadable_slice(folder, series, error) from None
+    _check_decoded(folder, image, headers[0], len(series.files))
     family = MODALITY_FAMILY.get(series.modality)
     return Volume.from_sitk(image, family, _units(family, headers[0]), folder)
 
@@ -122,6 +137,7 @@ def read_dicom_file(path: str | Path) -> Volume:
     if header is None or not _is_image(header):
         kind = "no Modality" if header is None else str(header.get("Modality", "no Modality"))
         raise InputError(path, f"is a DICOM object without an image ({kind}); give an image file or series folder")
+    _check_image(path, header)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.SetImageIO("GDCMImageIO")
@@ -133,20 +149,52 @@ def read_dicom_file(path: str | Path) -> Volume:
         raise InputError(path, problem) from None
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
+    _check_decoded(path, image, header, int(value(path, header, "NumberOfFrames") or 1))
     family = MODALITY_FAMILY.get(str(header.get("Modality", "")))
     return Volume.from_sitk(image, family, _units(family, header), path)
 
 
-def _scan(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
-    """(file, header) of every DICOM image file directly in `folder`."""
-    found = []
+def _scan(folder: Path) -> tuple[list[tuple[Path, pydicom.Dataset]], list[tuple[Path, pydicom.Dataset]]]:
+    """(file, header) of every DICOM image file directly in `folder`, each checked, and of the other DICOM files."""
+    images, others = [], []
     for path in sorted(folder.iterdir()):
-        if not path.is_file():
+        if not is_regular_file(path):
             continue
         header = _read_header(path)
         if header is not None and _is_image(header):
-            found.append((path, header))
-    return found
+            _check_image(path, header)
+            images.append((path, header))
+        elif header is not None:
+            others.append((path, header))
+    return images, others
+
+
+def _check_image(path: Path, header: pydicom.Dataset) -> None:
+    modality = str(header.get("Modality", "")).upper()
+    check_image(path, header, modality in MODALITY_FAMILY, RESCALE_REQUIRED.get(modality, ()))
+
+
+def _check_decoded(path: Path, image: sitk.Image, header: pydicom.Dataset, slices: int) -> None:
+    """What GDCM made must be the grid the headers declare: their size, and the pixel spacing, position and
+    orientation checked in them (GDCM ignores Pixel Spacing when, say, a damaged SOP Class UID no longer
+    names an image storage class: the image would come out at 1 mm). A CT, MR or PET image that disagrees
+    is refused; another image is read with a warning, since GDCM decides for those which tags count."""
+    expected = (int(header.Columns), int(header.Rows), slices)
+    size = tuple(image.GetSize()) + (1,) * (3 - image.GetDimension())
+    if size != expected:
+        raise InputError(path, f"DICOM pixel data decode to {size}, the headers declare {expected}: the file is damaged")
+    check_geometry(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    stated = {"PixelSpacing": (_plane_numbers(header, "PixelSpacing", 2), np.array(image.GetSpacing()[1::-1])),
+              "ImagePositionPatient": (_plane_numbers(header, "ImagePositionPatient", 3), np.array(image.GetOrigin())),
+              "ImageOrientationPatient": (_plane_numbers(header, "ImageOrientationPatient", 6),
+                                          np.array(image.GetDirection()).reshape(3, 3)[:, :2].T.reshape(-1))}
+    for keyword, (declared, read) in stated.items():
+        if declared is not None and not np.allclose(declared, read, rtol=1e-4, atol=1e-3):
+            problem = (f"GDCM reads its {keyword} as {np.round(read, 4).tolist()}, the header says "
+                       f"{np.round(declared, 4).tolist()} (SOP Class UID {header.get('SOPClassUID', 'absent')})")
+            if str(header.get("Modality", "")).upper() in MODALITY_FAMILY:
+                raise InputError(path, f"{problem}: the file is damaged")
+            warn_input(path, f"{problem}; the image is read as GDCM does")
 
 
 def _read_header(path: Path, claimed: bool = False) -> pydicom.Dataset | None:
@@ -155,15 +203,11 @@ def _read_header(path: Path, claimed: bool = False) -> pydicom.Dataset | None:
     A file that claims to be DICOM (marker, suffix, or `claimed`) but cannot be parsed, or whose
     header stops before the series identifiers (a truncated copy), is an InputError naming it.
     """
+    require_regular_file(path)
     claimed = claimed or has_dicom_marker(path) or path.name.lower().endswith(DICOM_SUFFIXES)
     if not claimed:
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns on every odd value; the checks below decide
-            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    except Exception as error:  # pydicom raises many types on garbage; all mean 'not readable DICOM'
-        raise InputError(path, f"is not a readable DICOM file ({type(error).__name__}: {error})") from None
+    header = read_dataset(path)
     if _is_dicomdir(header):
         return None
     if "SeriesInstanceUID" not in header:
@@ -184,19 +228,22 @@ def _is_image(header: pydicom.Dataset) -> bool:
 
 
 def _normal(header: pydicom.Dataset) -> np.ndarray | None:
-    if "ImageOrientationPatient" not in header:
-        return None
-    orientation = np.array(header.ImageOrientationPatient, dtype=float)
-    return np.cross(orientation[:3], orientation[3:])
+    orientation = _plane_numbers(header, "ImageOrientationPatient", 6)
+    return None if orientation is None else np.cross(orientation[:3], orientation[3:])
+
+
+def _plane_numbers(header: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
+    """A checked image-plane tag (check_image refused malformed ones already) as an array, None when absent."""
+    found = numbers(Path(str(header.filename)), header, keyword, count)
+    return None if found is None else np.array(found)
 
 
 def _slice_key(member: tuple[Path, pydicom.Dataset]) -> tuple[float, float, str]:
     """Position along the slice normal (as GDCM sorts), then InstanceNumber, then file name."""
     path, header = member
     normal = _normal(header)
-    position = 0.0
-    if normal is not None and "ImagePositionPatient" in header:
-        position = float(np.dot(normal, np.array(header.ImagePositionPatient, dtype=float)))
+    at = _plane_numbers(header, "ImagePositionPatient", 3)
+    position = 0.0 if normal is None or at is None else float(np.dot(normal, at))
     try:
         number = float(header.get("InstanceNumber") or 0)
     except (TypeError, ValueError):  # a malformed InstanceNumber only loses its vote in the order
@@ -260,9 +307,19 @@ def _units(family: str | None, header: pydicom.Dataset) -> str | None:
 
 
 def _check_consistent(folder: Path, series: SeriesInfo, headers: list[pydicom.Dataset]) -> None:
-    """One grid needs one slice size and one orientation; scouts sharing a series UID break that."""
+    """One grid needs one slice size, orientation, pixel spacing and pixel format, and every slice its
+    position and the same rescale tags; scouts sharing a series UID, or a damaged slice, break that."""
     first = headers[0]
     for name, header in zip(series.files[1:], headers[1:]):
+        for keyword in SERIES_CONSTANTS:
+            if not _same(value(Path(name), header, keyword), value(Path(series.files[0]), first, keyword)):
+                raise InputError(name, f"its {keyword} {_tag_text(header, keyword)} differs from "
+                                       f"{_tag_text(first, keyword)} in {Path(series.files[0]).name}, the first slice of "
+                                       f"series {series.uid}: one series must share it")
+        for keyword in ("ImagePositionPatient", "RescaleSlope", "RescaleIntercept"):
+            if (keyword in header) != (keyword in first):
+                lacking = name if keyword not in header else series.files[0]
+                raise InputError(lacking, f"has no {keyword}, unlike the other slices of series {series.uid}")
         if (header.Rows, header.Columns) != (first.Rows, first.Columns):
             raise InputError(
                 folder,
@@ -277,6 +334,21 @@ def _check_consistent(folder: Path, series: SeriesInfo, headers: list[pydicom.Da
             )
 
 
+def _same(one: object, other: object) -> bool:
+    """Equal DICOM values (numbers within float rounding)."""
+    if one is None or other is None:
+        return one is other
+    try:
+        return bool(np.allclose(np.asarray(one, dtype=float), np.asarray(other, dtype=float), rtol=1e-6))
+    except (TypeError, ValueError, OverflowError):
+        return str(one).strip() == str(other).strip()
+
+
+def _tag_text(header: pydicom.Dataset, keyword: str) -> str:
+    found = value(Path(str(header.filename)), header, keyword)
+    return "(absent)" if found is None else repr(str(found))[:40]
+
+
 def _check_even_spacing(folder: Path, headers: list[pydicom.Dataset]) -> None:
     """A missing or duplicated slice would silently stretch the anatomy; refuse it instead."""
     if len(headers) < 3 or any("ImagePositionPatient" not in h for h in headers):
@@ -284,7 +356,7 @@ def _check_even_spacing(folder: Path, headers: list[pydicom.Dataset]) -> None:
     normal = _normal(headers[0])
     if normal is None:
         return
-    positions = np.sort([float(np.dot(normal, np.array(h.ImagePositionPatient, dtype=float))) for h in headers])
+    positions = np.sort([float(np.dot(normal, _plane_numbers(h, "ImagePositionPatient", 3))) for h in headers])
     gaps = np.diff(positions)
     step = float(np.median(gaps))
     if step <= 0 or np.any(np.abs(gaps - step) > max(0.01 * step, 1e-3)):

@@ -30,3 +30,21 @@ def error_summary(error: BaseException, last: bool = False) -> str:
     if not telling:
         return type(error).__name__
     return telling[-1] if last else telling[0]
+
+
+class InputWarning(UserWarning):
+    """A file was read with a documented default in place of a value it lacks (e.g. MetaImage's origin 0):
+    usable, but the user must hear about it; the CLI prints it as one yellow line."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        where = f"{self.path}: " if self.path is not None else ""
+        super().__init__(f"{where}{problem}")
+
+
+def warn_input(path: str | Path | None, problem: str) -> None:
+    """Issue an InputWarning naming the file (shown by the CLI, recorded by reports and the fuzz suite)."""
+    import warnings
+
+    warnings.warn(InputWarning(path, problem), stacklevel=2)

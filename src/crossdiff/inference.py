@@ -20,10 +20,13 @@ import torch
 
 from crossdiff import checkpoints
 from crossdiff.acceleration import Acceleration, BatchSizer, accelerated
+from crossdiff.config_schema import build_on_meta, check_method_settings, check_section, check_translate_options
 from crossdiff.data.cases import PreparationConfig, PreparedCase, family_of
+from crossdiff.data.slices import MAX_SIZE as MAX_SLICE
 from crossdiff.data.slices import SliceConfig, context_slices, fit_slice, unfit_slice
 from crossdiff.diffusion.streams import ItemStreams
 from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.file_checks import geometry_problem
 from crossdiff.intensity import IntensityScaling, fit_scaling
 from crossdiff.masks import body_mask
 from crossdiff.methods import get_method
@@ -31,6 +34,7 @@ from crossdiff.methods.base import DataSpec, Method
 from crossdiff.training import MODEL_FORMAT, resolve_device
 from crossdiff.volumes import Geometry, Volume, background_value, resample_to
 
+MAX_CHANNELS = 64  # source channels (2k + 1 slices of 2.5-D context) a model may take
 FITTED_SCALINGS = ("percentile", "mean")  # refitted on every input; the others are fixed windows
 SPACING_TOLERANCE = 0.01  # relative in-plane spacing difference that --match-spacing resamples for
 
@@ -125,6 +129,13 @@ class ModelSpec:
     @classmethod
     def from_sections(cls, config: dict[str, Any]) -> ModelSpec:
         model = config["model"]
+        scalings = [model["scalings"]["source"], model["scalings"]["target"], *model.get("other_targets", {}).values()]
+        for scaling in scalings:
+            check_section("scaling", scaling, IntensityScaling)
+        spacing, direction = [float(v) for v in model["spacing"]], [float(v) for v in model["direction"]]
+        problem = geometry_problem(spacing, (), direction) if (len(spacing), len(direction)) == (3, 9) else "is not 3-D"
+        if problem:
+            raise CrossdiffError(f"model: the training grid {problem}")
         return cls(
             model["source"],
             model["target"],
@@ -194,7 +205,9 @@ def load_method(
     """The method of a checkpoint with its EMA weights on `device`, its config.yaml, folder and step.
 
     Unlike `load_model` it needs no model description, so a checkpoint that does not translate (a cldm
-    autoencoder) loads too."""
+    autoencoder) loads too. The config is checked, and the networks it describes are built on the meta
+    device and compared with the weights file's shapes, before anything is allocated: a crafted config
+    cannot make crossdiff build a network larger than the weights it ships."""
     device = _device(device)
     folder = checkpoints.checkpoint_folder(Path(checkpoint))
     config = checkpoints.read_config(folder)
@@ -202,21 +215,46 @@ def load_method(
         found = config.get("format")
         raise InputError(folder / checkpoints.CONFIG_FILE, f"not a crossdiff model configuration (format {found!r})")
     with _well_formed(folder):
-        data = config["data"]
-        spec_data = DataSpec(int(data["source_channels"]), int(data["target_channels"]), tuple(data["size"]))
-        method = get_method(config["method"]["name"])(config["method"]["config"], spec_data)
+        spec_data = data_spec(config["data"])
+        name, settings = config["method"]["name"], config["method"]["config"]
+        check_method_settings(str(name), settings, build=False)
+        blueprint = build_on_meta(get_method(str(name)), settings, spec_data)
     model_file = folder / checkpoints.MODEL_FILE
+    _check_weights_fit(model_file, checkpoints.tensor_shapes(model_file), blueprint)
+    method = get_method(name)(settings, spec_data)
     tensors, metadata = checkpoints.read_tensors(model_file)
     weights = checkpoints.split_prefix(tensors, "ema")
-    for name, module in method.modules().items():
-        if name not in weights:
-            raise InputError(model_file, f"holds no weights for the {name!r} network")
-        try:
-            module.load_state_dict(weights[name])
-        except RuntimeError as error:
-            raise InputError(model_file, f"weights do not fit the {name!r} network ({str(error).splitlines()[0]})") from None
+    for module_name, module in method.modules().items():
+        module.load_state_dict(weights[module_name])
         module.to(device).eval()
-    return method, config, folder, int(metadata["step"]) if "step" in metadata else None
+    step = metadata.get("step", "")
+    return method, config, folder, int(step) if step.isdecimal() else None
+
+
+def data_spec(data: Any) -> DataSpec:
+    """The `data` section of a checkpoint as a DataSpec, its types and sizes checked."""
+    check_section("data", data, DataSpec)
+    spec = DataSpec(int(data["source_channels"]), int(data["target_channels"]), tuple(data["size"]))  # type: ignore[arg-type]
+    if not (1 <= spec.source_channels <= MAX_CHANNELS and 1 <= spec.target_channels <= MAX_CHANNELS):
+        channels = f"{spec.source_channels}, {spec.target_channels}"
+        raise CrossdiffError(f"data: channels must lie in [1, {MAX_CHANNELS}], not {channels}")
+    if not all(1 <= side <= MAX_SLICE for side in spec.size):
+        raise CrossdiffError(f"data.size: each side must lie in [1, {MAX_SLICE}] pixels, not {spec.size}")
+    return spec
+
+
+def _check_weights_fit(model_file: Path, shapes: dict[str, tuple[int, ...]], blueprint: Method) -> None:
+    """Every network of the (meta-built) method must find weights of its exact shapes in the file."""
+    for name, module in blueprint.modules().items():
+        wanted = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+        found = {key.split("/", 2)[2]: shape for key, shape in shapes.items() if key.startswith(f"ema/{name}/")}
+        if not found:
+            raise InputError(model_file, f"holds no weights for the {name!r} network")
+        wrong = sorted(key for key in wanted if found.get(key) != wanted[key]) + sorted(set(found) - set(wanted))
+        if wrong:
+            key = wrong[0]
+            raise InputError(model_file, f"weights do not fit the {name!r} network its config describes ({key}: "
+                                         f"file {found.get(key)}, network {wanted.get(key)}; {len(wrong)} tensor(s) differ)")
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -225,10 +263,14 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 @contextlib.contextmanager
 def _well_formed(folder: Path) -> Iterator[None]:
-    """A missing or mistyped entry of the checkpoint's config.yaml becomes an InputError naming the file."""
+    """A missing, mistyped or refused entry of the checkpoint's config.yaml becomes an InputError naming the file."""
     try:
         yield
-    except (KeyError, TypeError, ValueError) as error:
+    except InputError:
+        raise
+    except CrossdiffError as error:
+        raise InputError(folder / checkpoints.CONFIG_FILE, f"checkpoint configuration is invalid: {error}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         message = f"checkpoint configuration is incomplete or malformed ({error!r})"
         raise InputError(folder / checkpoints.CONFIG_FILE, message) from None
 
@@ -344,6 +386,7 @@ def translate_volume(
     number of draws.
     """
     model = replace(model, spec=model.spec.for_target(target))
+    check_translate_options(model.method, options or {})
     options = {**(options or {}), **({"target": model.spec.target} if model.spec.other_targets else {})}
     _check_request(model, volume, samples, mask)
     body = mask.array.astype(bool) if mask is not None else None

@@ -10,7 +10,6 @@ torchvision's `vgg16-397923af.pth`), and only training reads it, so a trained mo
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.losses import SSIMLoss
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -67,7 +65,7 @@ def load_vgg16_features(path: str | Path, depth: int) -> nn.Sequential:
             tensors = load_file(str(path))
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+    except Exception as error:  # both loaders raise many kinds on a damaged file; neither runs code from it
         raise InputError(path, f"cannot read the perceptual-loss weights ({error_summary(error)})") from None
     if not isinstance(tensors, dict):
         raise InputError(path, f"perceptual-loss weights must be a state dict of tensors, not {type(tensors).__name__}")
@@ -165,6 +163,13 @@ def adversarial_loss(logits: torch.Tensor, real: bool, kind: str) -> torch.Tenso
     if kind == "lsgan":
         return F.mse_loss(logits, target)
     return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """Half the sum of a critic's losses on real and (detached) generated images, judged in one call
+    (one forward per backward, as DDP wants): what the CycleGAN family's discriminators learn from."""
+    on_real, on_fake = critic(torch.cat([real, fake.detach()])).chunk(2)
+    return 0.5 * (adversarial_loss(on_real, True, kind) + adversarial_loss(on_fake, False, kind))
 
 
 def check_gan_loss(kind: str) -> str:

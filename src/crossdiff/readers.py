@@ -6,14 +6,12 @@ problem, instead of surfacing later as a NaN loss or a misplaced synthetic CT.
 
 from __future__ import annotations
 
-import gzip
 import re
-import zlib
+import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -25,7 +23,13 @@ from crossdiff.dicom import (
     read_dicom_file,
     read_dicom_series,
 )
-from crossdiff.errors import CrossdiffError, InputError, error_summary
+from crossdiff.errors import CrossdiffError, InputError, InputWarning, error_summary
+from crossdiff.file_checks import check_geometry, file_status, require_regular_file
+from crossdiff.headers.metaimage import check_metaimage
+from crossdiff.headers.nifti import check_nifti
+from crossdiff.headers.nrrd import check_nrrd
+from crossdiff.headers.raster import check_raster
+from crossdiff.native_output import native_output_silenced
 from crossdiff.units import check_units, decide_units
 from crossdiff.volumes import Geometry, Volume
 
@@ -97,6 +101,16 @@ def read_volume(
     return volume
 
 
+def read_output(path: str | Path) -> Volume:
+    """A volume crossdiff wrote itself (a translation, an uncertainty map), read back without the content
+    check meant for inputs: a constant map is a result here (draws that agree everywhere, a collapsed
+    model), which a report must show rather than refuse. Unreadable, non-finite or voxel-less files are
+    still an InputError."""
+    volume, _ = _read_raw(path, None, "refuse", None)
+    _check_finite_and_nonempty(volume)
+    return volume
+
+
 def read_mask(path: str | Path, reference: Volume | None = None) -> Volume:
     """Read a binary mask (any label > 0 is foreground); if `reference` is given, it must share its grid."""
     mask, _ = _read_raw(path, None, "refuse", None)
@@ -122,36 +136,55 @@ def read_labels(path: str | Path, reference: Volume | None = None) -> Volume:
 
 
 def _read_raw(source: ImageSource, series_uid: str | None, colour: str, key: str | None) -> tuple[Volume, str]:
-    """The image and the kind of file it came from ('dicom', 'slices', 'volume' or 'array')."""
+    """The image and the kind of file it came from ('dicom', 'slices', 'volume' or 'array'). Every file is
+    checked before a C++ reader opens it (crossdiff.headers), and the grid read must be plausible; what the
+    readers print is kept off the console, and what the checks warn about is kept in `Volume.warnings`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        volume, kind = _read_checked(source, series_uid, colour, key)
+    for warning in caught:  # issued again for the console, and kept with the volume for info and reports
+        if issubclass(warning.category, InputWarning):
+            volume.warnings.append(warning.message.problem)  # type: ignore[union-attr]
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return volume, kind
+
+
+def _read_checked(source: ImageSource, series_uid: str | None, colour: str, key: str | None) -> tuple[Volume, str]:
     if not isinstance(source, (str, Path)):
         files = [Path(item) for item in source]
         if not files:
             raise InputError(None, "an empty list of slice files was given")
         for file in files:
-            if not file.is_file():
-                raise InputError(file, "does not exist")
-        volume = _stack_slices(files[0].parent, sorted(files, key=natural_key), colour)
+            require_regular_file(file)
+            check_raster(file)
+        with native_output_silenced():
+            volume = _stack_slices(files[0].parent, sorted(files, key=natural_key), colour)
         return volume, "slices"
     path = Path(source)
-    if not path.exists():
-        raise InputError(path, "does not exist")
     name = path.name.lower()
-    if path.is_dir():
-        volume, kind = _read_folder(path, series_uid, colour)
-    elif name.endswith(DICOM_SUFFIXES) or (not name.endswith(KNOWN_SUFFIXES) and has_dicom_marker(path)):
-        volume, kind = read_dicom_file(path), "dicom"
-    elif name.endswith(SLICE_SUFFIXES):
-        volume, kind = _stack_slices(path, [path], colour), "slices"
-    elif name.endswith(ARRAY_SUFFIXES):
-        volume, kind = read_array_file(path, key), "array"
-    elif name.endswith(VOLUME_SUFFIXES):
-        volume, kind = _read_file(path), "volume"
-    else:
-        raise InputError(
-            path,
-            "is not a supported image; give NIfTI (.nii, .nii.gz), MHA/MHD, NRRD, PNG/JPEG, NumPy (.npy, .npz), "
-            "MATLAB (.mat), or a folder holding one DICOM series or PNG/JPEG slices",
-        )
+    is_folder = stat.S_ISDIR(file_status(path).st_mode)
+    if not is_folder:
+        require_regular_file(path)  # before anything opens it: a FIFO would block for ever
+    with native_output_silenced():
+        if is_folder:
+            volume, kind = _read_folder(path, series_uid, colour)
+        elif name.endswith(DICOM_SUFFIXES) or (not name.endswith(KNOWN_SUFFIXES) and has_dicom_marker(path)):
+            volume, kind = read_dicom_file(path), "dicom"
+        elif name.endswith(SLICE_SUFFIXES):
+            check_raster(path)
+            volume, kind = _stack_slices(path, [path], colour), "slices"
+        elif name.endswith(ARRAY_SUFFIXES):
+            volume, kind = read_array_file(path, key), "array"
+        elif name.endswith(VOLUME_SUFFIXES):
+            volume, kind = _read_file(path), "volume"
+        else:
+            raise InputError(
+                path,
+                "is not a supported image; give NIfTI (.nii, .nii.gz), MHA/MHD, NRRD, PNG/JPEG, NumPy (.npy, .npz), "
+                "MATLAB (.mat), or a folder holding one DICOM series or PNG/JPEG slices",
+            )
+    geometry = volume.geometry
+    check_geometry(path, geometry.spacing, geometry.origin, geometry.direction)
     volume.path = path
     return volume, kind
 
@@ -209,6 +242,8 @@ def _read_folder(folder: Path, series_uid: str | None, colour: str) -> tuple[Vol
     slices = sorted(
         (f for f in folder.iterdir() if f.name.lower().endswith(SLICE_SUFFIXES)), key=natural_key
     )
+    for file in slices:
+        check_raster(file)
     if slices:
         return _stack_slices(folder, slices, colour), "slices"
     subfolders = sorted(f.name for f in folder.iterdir() if f.is_dir() and not f.name.startswith("."))
@@ -223,7 +258,7 @@ def natural_key(path: Path) -> list[object]:
 
 
 def _read_file(path: Path) -> Volume:
-    _check_complete(path)
+    _check_header(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.SetImageIO(_image_io(path))
@@ -252,115 +287,16 @@ def _reason(error: Exception) -> str:
     return error_summary(error, last=True)
 
 
-def _check_complete(path: Path) -> None:
-    """Refuse truncated files before SimpleITK sees them.
-
-    SimpleITK/ITK pads a short NIfTI with garbage or fails with a misleading reason ('No such file or
-    directory' for a short MetaImage, after printing to stderr); counting the bytes first gives the
-    user the real problem and keeps the console clean.
-    """
+def _check_header(path: Path) -> None:
+    """The format's own checks (crossdiff.headers) before ITK reads the file: ITK pads short files, crashes
+    on some damaged headers, allocates whatever a header declares and prints to the console."""
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
-        _check_nifti_complete(path)
+        check_nifti(path)
     elif name.endswith((".mha", ".mhd")):
-        _check_metaimage_complete(path)
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """Count the voxel bytes, and the NaN/Inf voxels: ITK's NIfTI reader silently turns those into 0."""
-    try:
-        header = nib.load(str(path)).header
-        dtype = header.get_data_dtype()
-        offset = int(header["vox_offset"])
-        expected = offset + int(np.prod(header.get_data_shape())) * dtype.itemsize
-        if path.name.lower().endswith(".gz"):
-            with gzip.open(path, "rb") as stream:
-                available, nan, inf = _scan_voxels(stream, offset, expected, dtype)
-        elif dtype.kind in "fc":
-            with path.open("rb") as stream:
-                available, nan, inf = _scan_voxels(stream, offset, expected, dtype)
-        else:  # integers cannot hold NaN: the size is all there is to check
-            available, nan, inf = path.stat().st_size, 0, 0
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
-        raise InputError(path, f"could not be read: the file is corrupt or truncated ({error})") from None
-    if available < expected:
-        raise InputError(path, f"could not be read: the file is truncated ({available} of {expected} bytes)")
-    if nan or inf:
-        raise InputError(path, f"image contains non-finite values ({nan} NaN, {inf} Inf voxels)")
-
-
-def _scan_voxels(stream: BinaryIO, offset: int, end: int, dtype: np.dtype) -> tuple[int, int, int]:
-    """Bytes in the stream (read to its end, so gzip checks its CRC) and NaN/Inf among voxels [offset, end)."""
-    position, nan, inf, carry = 0, 0, 0, b""
-    floating = dtype.kind in "fc"
-    while chunk := stream.read(1 << 22):
-        start, stop = position, position + len(chunk)
-        position = stop
-        if not floating or stop <= offset or start >= end:
-            continue
-        data = carry + chunk[max(offset - start, 0) : min(end, stop) - start]
-        usable = len(data) - len(data) % dtype.itemsize
-        values, carry = np.frombuffer(data[:usable], dtype=dtype), data[usable:]
-        nan += int(np.isnan(values).sum())
-        inf += int(np.isinf(values).sum())
-    return position, nan, inf
-
-
-METAIMAGE_BYTES = {
-    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
-}  # fmt: skip
-
-
-def _check_metaimage_complete(path: Path) -> None:
-    """Compare the bytes a MetaImage header promises with what its data (inline or .raw) holds."""
-    fields, data_offset = _metaimage_header(path)
-    missing = [key for key in ("NDims", "DimSize", "ElementType", "ElementDataFile") if key not in fields]
-    if missing:  # refuse here: MetaIO would print its parse errors to stderr
-        raise InputError(path, f"could not be read: not a MetaImage file (header lacks {', '.join(missing)})")
-    data_file = fields["ElementDataFile"]
-    if not data_file or data_file.startswith("LIST") or "%" in data_file:
-        return  # slice lists and file patterns: leave them to ITK
-    if data_file == "LOCAL":
-        available = path.stat().st_size - data_offset
+        check_metaimage(path)
     else:
-        target = path.parent / data_file
-        if not target.is_file():
-            raise InputError(path, f"could not be read: its data file {data_file} is missing (expected at {target})")
-        header_size = int(fields.get("HeaderSize", "0") or 0)
-        available = target.stat().st_size - max(header_size, 0)
-    expected = _metaimage_data_bytes(fields)
-    if expected is not None and available < expected:
-        raise InputError(path, f"could not be read: the image data is truncated ({available} of {expected} bytes)")
-
-
-def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
-    """The 'Key = Value' fields up to ElementDataFile (always the last), and where the data starts."""
-    fields: dict[str, str] = {}
-    offset = 0
-    with path.open("rb") as handle:
-        for raw in iter(lambda: handle.readline(4096), b""):
-            offset += len(raw)
-            key, sep, value = raw.decode("latin-1").partition("=")
-            if not sep:
-                break
-            fields[key.strip()] = value.strip()
-            if key.strip() == "ElementDataFile" or offset > 1 << 20:
-                break
-    return fields, offset
-
-
-def _metaimage_data_bytes(fields: dict[str, str]) -> int | None:
-    """Bytes of stored data the header promises, or None when the header does not say."""
-    try:
-        if fields.get("CompressedData", "False").lower() == "true":
-            size = fields.get("CompressedDataSize")
-            return int(size) if size else None
-        voxels = int(np.prod([int(v) for v in fields["DimSize"].split()]))
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-        return voxels * channels * METAIMAGE_BYTES[fields["ElementType"].upper()]
-    except (KeyError, ValueError):
-        return None
+        check_nrrd(path)
 
 
 def _as_3d_scalar(path: Path, image: sitk.Image, colour: str = "refuse", notes: set[str] | None = None) -> sitk.Image:

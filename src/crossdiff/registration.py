@@ -384,7 +384,8 @@ def register_slices(
     if transform not in SLICE_TRANSFORMS:
         raise CrossdiffError(f"unknown slice transform {transform!r}; choose one of {', '.join(SLICE_TRANSFORMS)}")
     if fixed.shape[0] != moving.shape[0]:
-        raise CrossdiffError(f"slice-wise registration needs as many slices in both stacks ({fixed.shape[0]} vs {moving.shape[0]})")
+        raise CrossdiffError(f"slice-wise registration needs as many slices in both stacks ({fixed.shape[0]} vs "
+                             f"{moving.shape[0]})")
     spacing = fixed.geometry.spacing[:2]
     aligned = np.empty(fixed.shape, dtype=np.float32)
     covered = np.zeros(fixed.shape, dtype=bool)
@@ -450,7 +451,8 @@ def _plane_image(array: np.ndarray, spacing: tuple[float, float]) -> sitk.Image:
     return image
 
 
-def _plane_start(fixed_mask: np.ndarray, moving_mask: np.ndarray, spacing: tuple[float, float], scale: bool) -> sitk.AffineTransform:
+def _plane_start(fixed_mask: np.ndarray, moving_mask: np.ndarray, spacing: tuple[float, float],
+                 scale: bool) -> sitk.AffineTransform:
     """Fixed -> moving points matching the body masks' centroids (and, with `scale`, their sizes)."""
     def centroid(mask: np.ndarray) -> np.ndarray:
         rows, cols = np.nonzero(mask)

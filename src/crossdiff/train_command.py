@@ -4,6 +4,7 @@ already holds a checkpoint is resumed from it (its saved config wins); otherwise
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,11 +17,14 @@ from crossdiff.errors import CrossdiffError
 
 @dataclass(frozen=True)
 class CommandRun:
-    """How the run went: wall seconds of this call, whether it resumed an earlier run, the command."""
+    """How the run went: wall seconds of this call, whether it resumed an earlier run, the command, and
+    the training process's own peak resident set size in bytes (its rusage from `os.wait4`: one number
+    per run, unlike the benchmark process's peak, which covers everything it did before)."""
 
     seconds: float
     resumed: bool
     command: list[str]
+    peak_memory_bytes: int
 
 
 def train_with_command(method: str, manifest: Path, run_dir: Path, config: Path, options: list[str],
@@ -32,8 +36,11 @@ def train_with_command(method: str, manifest: Path, run_dir: Path, config: Path,
     resumed = checkpoints.latest_checkpoint(run_dir) is not None
     command += ["--resume"] if resumed else ["--config", str(config), *(new_run_options or [])]
     start = time.perf_counter()
-    finished = subprocess.run(command, check=False)
-    if finished.returncode != 0:
-        raise CrossdiffError(f"training {method} in {run_dir} failed (exit code {finished.returncode}; its message is "
+    with subprocess.Popen(command) as child:
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    if child.returncode != 0:
+        raise CrossdiffError(f"training {method} in {run_dir} failed (exit code {child.returncode}; its message is "
                              "above); run again to resume from the last checkpoint")
-    return CommandRun(time.perf_counter() - start, resumed, command)
+    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024  # Linux reports KiB
+    return CommandRun(time.perf_counter() - start, resumed, command, int(peak))

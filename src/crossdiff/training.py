@@ -18,7 +18,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from crossdiff import checkpoints
 from crossdiff.atomic import write_text
+from crossdiff.config_schema import check_section, check_translate_options
 from crossdiff.diffusion.streams import stream_seed
-from crossdiff.errors import CrossdiffError
+from crossdiff.errors import CrossdiffError, InputError, error_summary
 from crossdiff.methods.base import Method, StepContext
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -92,10 +93,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise CrossdiffError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return cls(**check_section("training", data, cls))
 
 
 @dataclass
@@ -281,17 +279,25 @@ class _TrainingState:
                     f"{folder}: the checkpoint's {section} settings differ from this run's "
                     f"({saved.get(section)} vs {described[section]}); resume with the settings it was trained with"
                 )
-        weights, _ = checkpoints.read_tensors(folder / checkpoints.MODEL_FILE)
-        for prefix, modules in (("raw", self.modules), ("ema", self.ema.modules)):
-            for name, tensors in checkpoints.split_prefix(weights, prefix).items():
-                modules[name].load_state_dict(tensors)
         state = checkpoints.read_state(folder)
+        weights, _ = checkpoints.read_tensors(folder / checkpoints.MODEL_FILE)
         training, _ = checkpoints.read_tensors(folder / checkpoints.TRAINING_FILE)
-        for name, (optimizer, _) in self.optimizers.items():
-            checkpoints.load_optimizer_state(optimizer, name, training, state["optimizers"][name])
-        if state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        checkpoints.restore_rng(training, state["rng"])
+        try:
+            for prefix, modules in (("raw", self.modules), ("ema", self.ema.modules)):
+                groups = checkpoints.split_prefix(weights, prefix)
+                for name, module in modules.items():
+                    module.load_state_dict(groups[name])
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise InputError(folder / checkpoints.MODEL_FILE, f"weights do not fit this run ({error_summary(error)})") from None
+        try:
+            for name, (optimizer, _) in self.optimizers.items():
+                checkpoints.load_optimizer_state(optimizer, name, training, state["optimizers"][name])
+            if state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            checkpoints.restore_rng(training, state["rng"])
+        except (CrossdiffError, KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as error:
+            problem = f"training state does not fit this run ({type(error).__name__}: {error_summary(error)})"
+            raise InputError(folder / checkpoints.STATE_FILE, problem) from None
         return state
 
 
@@ -528,6 +534,7 @@ def train(
     config.yaml (and RUN_DIR/config.yaml) beside the method and training settings.
     """
     run_dir = Path(run_dir)
+    check_translate_options(method, config.val_options)
     device = resolve_device(config.device)
     if config.precision == "fp16" and device.type != "cuda":
         raise CrossdiffError("precision 'fp16' needs a CUDA GPU; use 'bf16' on the CPU")
@@ -600,6 +607,8 @@ def _begin(state: _TrainingState, run_dir: Path, resume: bool, described: dict[s
     if latest is not None:
         saved = state.restore(latest, described)
         done, history = int(saved["step"]), list(saved["validation"])
+        if done > config.steps:
+            raise CrossdiffError(f"{latest}: the checkpoint is at step {done}, beyond this run's {config.steps} steps")
         if saved["world_size"] != world.size and world.main:
             console.print(f"note: resuming a {saved['world_size']}-process run with {world.size}: the batch order changes")
     else:

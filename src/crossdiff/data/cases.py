@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from crossdiff.atomic import atomic_path, write_json
+from crossdiff.config_schema import check_preparation, check_section
 from crossdiff.data.manifest import CaseEntry, ref_files
 from crossdiff.errors import InputError
 from crossdiff.intensity import IntensityScaling, default_method, fit_scaling
@@ -91,11 +92,13 @@ class PreparationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> PreparationConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known = dict(check_section("preparation", data, cls))
         for name in ("ct_window", "suv_window", "mr_percentiles", "spacing"):
             if known.get(name) is not None:
                 known[name] = tuple(known[name])  # type: ignore[arg-type]
-        return cls(**known)  # type: ignore[arg-type]
+        config = cls(**known)  # type: ignore[arg-type]
+        check_preparation(config)
+        return config
 
 
 def prepare_case(
@@ -176,7 +179,8 @@ def _prepare_uncached(case_id: str, entry: CaseEntry, keys: list[str], config: P
         mask &= field_of_view
         notes += [f"{key}: {note}"] if note else []
     if not mask.any():
-        raise InputError(ref_files(entry.images[reference_key])[0], f"case {case_id}: the modalities do not overlap inside the body")
+        raise InputError(ref_files(entry.images[reference_key])[0], f"case {case_id}: the modalities do not overlap inside "
+                                                                    "the body")
     scalings = {key: _fit(key, volume, mask, config) for key, volume in aligned.items()}
     images = {key: scalings[key].apply(volume.array) for key, volume in aligned.items()}
     return PreparedCase(case_id, images, mask, reference.geometry, scalings, reference.planar, notes)

@@ -438,7 +438,8 @@ def _check_same_levels(cid: str, by_key: dict[str, list[Path]]) -> None:
     counts = {key: len(files) for key, files in by_key.items()}
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{key} {n}" for key, n in counts.items())
-        raise InputError(next(iter(by_key.values()))[0].parent, f"case {cid!r} has different numbers of slices per modality ({listed})")
+        raise InputError(next(iter(by_key.values()))[0].parent, f"case {cid!r} has different numbers of slices per modality "
+                                                                f"({listed})")
     keys = list(by_key)
     for index, files in enumerate(zip(*by_key.values())):
         levels = {_level_name(f.name) for f in files}
@@ -772,7 +773,8 @@ def decide_reading(manifest: Manifest, units: dict[str, str]) -> dict[str, Modal
 
     unknown = sorted(set(units) - set(manifest.modalities()))
     if unknown:
-        raise CrossdiffError(f"--units names {', '.join(unknown)}, not modalities of this dataset ({', '.join(manifest.modalities())})")
+        raise CrossdiffError(f"--units names {', '.join(unknown)}, not modalities of this dataset "
+                             f"({', '.join(manifest.modalities())})")
     decisions = {}
     for key in manifest.modalities():
         cid = manifest.cases_with(key)[0]
@@ -780,7 +782,8 @@ def decide_reading(manifest: Manifest, units: dict[str, str]) -> dict[str, Modal
         example = ref_files(ref)[0]
         if key in units:
             chosen = check_units(units[key], f"--units {key}")
-            decisions[key] = ModalityDecision(family_of(key), Reading(chosen, why=f"{chosen}, as given (--units)"), example, False)
+            decisions[key] = ModalityDecision(family_of(key), Reading(chosen, why=f"{chosen}, as given "
+                                                                                  "(--units)"), example, False)
             continue
         volume = read_volume(ref, modality=family_of(key))
         why = f"{volume.evidence.get('units', '')} (read from case {cid}); modality {volume.evidence.get('modality', '')}"

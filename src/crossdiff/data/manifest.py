@@ -12,10 +12,10 @@ decided there, with the reason, so the decision is visible and can be changed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
-import json
 import math
 import os
 import re
@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.atomic import write_json, write_text
+from crossdiff.config_schema import read_json, read_text
 from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.file_checks import path_name_problem
 
 SPLITS = ("train", "val", "test")
 MANIFEST_FORMAT = "crossdiff-manifest"
@@ -203,7 +205,7 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
     every missing file in one error, so a moved or half-copied dataset is fixed in one go.
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):  # lexists, unlike Path.is_file, never raises (a name too long is 'not found')
         raise InputError(path, "manifest not found (make one with `crossdiff prepare DATA_DIR --out FILE`)")
     records, reading = _read_csv(path) if _is_csv(path) else _read_json(path)
     manifest = Manifest(_parse_cases(path, records, absolute_path(path).parent), _parse_reading(path, reading))
@@ -213,12 +215,7 @@ def load_manifest(path: str | Path, check_files: bool = True) -> Manifest:
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any], Any]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_refuse_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"manifest is not valid JSON ({error})") from None
-    except ValueError as error:
-        raise InputError(path, f"manifest is malformed: {error}") from None
+    document = read_json(path, "manifest", object_pairs_hook=_refuse_duplicate_keys)
     if not isinstance(document, dict) or not isinstance(document.get("cases"), dict):
         raise InputError(path, 'manifest must be a JSON object with "cases": {case id: {...}}')
     if document.get("format", MANIFEST_FORMAT) != MANIFEST_FORMAT:
@@ -268,9 +265,10 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _read_csv(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, str]]]:
     """Turn CSV rows into the same records as the JSON form, so one validator serves both; reading
     settings come from `units:<key>` (`colour:<key>`, `key:<key>`) columns, one value per column."""
+    text = read_text(path, "manifest")
     try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
-    except (UnicodeDecodeError, csv.Error) as error:
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except csv.Error as error:
         raise InputError(path, f"manifest is not a readable CSV ({error})") from None
     columns = list(rows[0]) if rows else []
     for required in ("case", "split"):
@@ -326,6 +324,9 @@ def _refuse_unknown(path: Path, where: str, record: dict[str, Any], allowed: tup
 
 def _parse_case(path: Path, cid: str, record: Any, folder: Path) -> CaseEntry:
     where = f"case {cid!r}"
+    problem = path_name_problem(cid)
+    if problem:
+        raise InputError(path, f"{where}: the case id {problem}")
     if not isinstance(record, dict):
         raise InputError(path, f"{where}: expected an object with 'split' and 'images', got {type(record).__name__}")
     _refuse_unknown(path, where, record, CASE_FIELDS)
@@ -364,7 +365,9 @@ def _parse_paths(path: Path, where: str, mapping: Any, folder: Path, lists: bool
 
 
 def _resolve(text: str, folder: Path) -> Path:
-    path = Path(text).expanduser()
+    path = Path(text)
+    with contextlib.suppress(RuntimeError):  # '~user/...' of an unknown user stays as written
+        path = path.expanduser()
     return absolute_path(path if path.is_absolute() else folder / path)
 
 
@@ -373,7 +376,7 @@ def _check_files_exist(path: Path, manifest: Manifest) -> None:
         f"case {cid!r} {name}: {file}"
         for cid, case in manifest.cases.items()
         for name, file in case.files()
-        if not file.exists()
+        if not os.path.exists(file)
     ]
     if missing:
         raise InputError(

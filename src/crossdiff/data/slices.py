@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -21,12 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from crossdiff.config_schema import check_section
 from crossdiff.errors import CrossdiffError
 
 if TYPE_CHECKING:
     from crossdiff.data.cases import PreparedCase
 
 FITS = ("pad-crop", "resize")
+MAX_SIZE = 1024  # pixels per side of a slice: beyond it a translation batch needs many GB (a crafted config's way in)
+MAX_CONTEXT = 31  # neighbours on each side: 63 source channels at most
 KINDS = ("image", "mask")
 FILL = {"image": -1.0, "mask": 0.0}  # background of [-1, 1] images; outside of a mask
 
@@ -73,9 +76,9 @@ class SliceConfig:
     def _checks(self) -> list[tuple[bool, str]]:
         return [
             (self.axis in (0, 1, 2), f"axis must be 0, 1 or 2, not {self.axis}"),
-            (min(self.size) > 0, f"size must be positive, not {self.size}"),
+            (0 < min(self.size) and max(self.size) <= MAX_SIZE, f"size must lie in [1, {MAX_SIZE}] pixels, not {self.size}"),
             (self.fit in FITS, f"fit must be one of {', '.join(FITS)}, not {self.fit!r}"),
-            (self.context >= 0, f"context must be >= 0, not {self.context}"),
+            (0 <= self.context <= MAX_CONTEXT, f"context must lie in [0, {MAX_CONTEXT}], not {self.context}"),
             (0.0 <= self.min_mask_fraction <= 1.0, "min_mask_fraction must lie in [0, 1]"),
             (0.0 <= self.flip_h <= 1.0 and 0.0 <= self.flip_v <= 1.0, "flip probabilities must lie in [0, 1]"),
             (self.rotation >= 0.0, f"rotation must be >= 0 degrees, not {self.rotation}"),
@@ -95,10 +98,7 @@ class SliceConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> SliceConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise CrossdiffError(f"unknown slice settings: {', '.join(sorted(unknown))}")
-        return cls(**data)  # type: ignore[arg-type]
+        return cls(**check_section("slices", data, cls))
 
 
 def slice_indices(case: PreparedCase, config: SliceConfig) -> list[int]:

@@ -46,6 +46,7 @@ from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
 from crossdiff.evaluation.robustness import noise_robustness
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
 from crossdiff.inference import LoadedModel, load_model, translate_volume
+from crossdiff.intensity import IntensityScaling
 from crossdiff.methods import get_method
 from crossdiff.train_command import train_with_command
 from crossdiff.training import resolve_device
@@ -80,6 +81,7 @@ class MethodInfo:
     parameters: int
     train_seconds_per_step: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    train_peak_memory_bytes: list[int] = field(default_factory=list)  # each training process's own peak RSS
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             per_step = summary["seconds_per_step"]
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
+            peak = json.loads((run_dir / TRAIN_RECORD).read_text(encoding="utf-8")).get("peak_memory_bytes")
+            info.train_peak_memory_bytes.extend([] if peak is None else [int(peak)])
             scale, planar = scale_for(family_of(config.target), summary["target_units"]), bool(summary["planar"])
             if saved is not None:
                 log(f"reusing the scored translations of {entry.name} in {fold}")
@@ -290,7 +294,7 @@ def _train_stage(
     run = train_with_command(method, manifest, run_dir, saved, ["--source", config.source, *options],
                              [] if previous is None else ["--autoencoder", str(previous)])
     seconds = None if run.resumed else run.seconds  # a resumed run's earlier part went unmeasured
-    write_json(record, {"seconds": seconds, "command": run.command})
+    write_json(record, {"seconds": seconds, "command": run.command, "peak_memory_bytes": run.peak_memory_bytes})
     return seconds
 
 
@@ -313,9 +317,12 @@ def _budgeted(config: BenchmarkConfig, manifest: Path, out: Path, log: Callable[
         if not record.is_file():
             write_json(record, _calibrate(config, entry, manifest, out / "budget" / "runs" / entry.name, calibration,
                                           out / "cache", log))
-        rate = float(json.loads(record.read_text(encoding="utf-8"))["steps_per_cpu_s"])
+        measured = json.loads(record.read_text(encoding="utf-8"))
+        unit = "steps_per_s" if measured.get("device", "cpu") == "cuda" else "steps_per_cpu_s"
+        rate = float(measured[unit])
         steps = max(1, int(seconds * rate))
-        log(f"budget: {entry.name} runs {rate:.3g} steps per CPU second: {steps} steps in {seconds:g} s")
+        log(f"budget: {entry.name} runs {rate:.3g} steps per {'second' if unit == 'steps_per_s' else 'CPU second'}: "
+            f"{steps} steps in {seconds:g} s")
         entries.append(replace(entry, train=_merge_sections(entry.train, {"training": {"steps": steps}})))
     return replace(config, methods=entries)
 
@@ -336,7 +343,8 @@ def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_
     rows = [row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "steps_per_cpu_s" in row]
     if not rows:
         raise CrossdiffError(f"timing {entry.name} in {run_dir} logged no speed")
-    return {"steps_per_cpu_s": rows[-1]["steps_per_cpu_s"], "steps_per_s": rows[-1]["steps_per_s"],
+    device = resolve_device(sections["training"].get("device")).type
+    return {"steps_per_cpu_s": rows[-1]["steps_per_cpu_s"], "steps_per_s": rows[-1]["steps_per_s"], "device": device,
             "calibration_steps": steps, "command": run.command}
 
 
@@ -356,6 +364,7 @@ class HeldOutCase:
     source: Volume
     reference: Volume
     mask: np.ndarray
+    reference_scaling: IntensityScaling  # what the preparation fitted to this case's own reference
 
     @property
     def mask_volume(self) -> Volume:
@@ -370,7 +379,7 @@ def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, mo
     prepared = prepare_case(case_id, manifest.cases[case_id], preparation, out / "cache")
     start, stop = _slab_range(prepared.mask, config.evaluation["slices"])
     source, reference = (_slab(prepared.physical(key), start, stop) for key in (config.source, config.target))
-    case = HeldOutCase(case_id, source, reference, prepared.mask[start:stop])
+    case = HeldOutCase(case_id, source, reference, prepared.mask[start:stop], prepared.scalings[config.target])
     for kind, volume in (("source", source), ("reference", reference), ("mask", case.mask_volume)):
         target = out / "cases" / kind / f"{case_id}.nii.gz"
         if not target.is_file():
@@ -435,6 +444,31 @@ def _case_run(
     return CaseRun(name, fold, case.case_id, saved["metrics"], saved["slices"], saved["cost"], saved["variability"], noise)
 
 
+def on_scored_scale(target_intensity: str, trained: IntensityScaling, own: IntensityScaling) -> Callable[[Volume, bool], Volume]:
+    """How a translation (or, with spread=True, its std) is put on the intensity scale it is scored on,
+    `evaluation.target_intensity`: 'training' leaves it in the units of the model's training targets;
+    'case' maps it through the model's target scaling (`trained`) onto the normalised training scale and
+    back through the scaling the preparation fitted to the case's own reference (`own`). MR has no
+    physical unit: raw scanner values differ from subject to subject (2-4 times between the brain subjects
+    here), and SynDiff-style normalised metrics compare each volume on its own scale; 'case' uses that one
+    statistic of the reference (e.g. its mean inside the mask). Both scalings are linear, so a std scales
+    by their ratio."""
+
+    def convert(volume: Volume, spread: bool = False) -> Volume:
+        if target_intensity == "training":
+            return volume
+        if spread:
+            return volume.with_array((volume.array * (own.high - own.low) / (trained.high - trained.low)).astype(np.float32))
+        return volume.with_array(own.invert(trained.apply(volume.array)))
+
+    return convert
+
+
+def _scored_scale(config: BenchmarkConfig, model: LoadedModel, case: HeldOutCase) -> Callable[[Volume, bool], Volume]:
+    return on_scored_scale(config.evaluation["target_intensity"], model.spec.for_target(config.target).target_scaling,
+                           case.reference_scaling)
+
+
 def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path,
                          scoring: Scoring) -> dict[str, Any]:
     settings = config.evaluation
@@ -444,13 +478,16 @@ def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, 
                                  keep_samples=samples > 1, target=config.target),
         model.device,
     )
+    scaled = _scored_scale(config, model, case)
+    mean = scaled(result.mean)
     reference = case.reference.array
-    metrics = scoring(reference, result.mean.array, case.mask)
-    write_volume(result.mean, out / "translations" / name / f"{case.case_id}.nii.gz")
+    metrics = scoring(reference, mean.array, case.mask)
+    write_volume(mean, out / "translations" / name / f"{case.case_id}.nii.gz")
     variability = None
     if result.std is not None and result.samples is not None:
-        write_volume(result.std, out / "uncertainty" / name / f"{case.case_id}.nii.gz")
-        variability = _variability(result.samples, result.std.array, result.mean.array, case, scoring)
+        std = scaled(result.std, True)
+        write_volume(std, out / "uncertainty" / name / f"{case.case_id}.nii.gz")
+        variability = _variability([scaled(draw) for draw in result.samples], std.array, mean.array, case, scoring)
     translated_slices = int(case.mask.any(axis=(1, 2)).sum())
     cost = {"seconds": measured.seconds, "slices": translated_slices, "s_per_slice": measured.seconds / translated_slices,
             "nfe": result.nfe, "samples": samples, "peak_memory_bytes": measured.peak_memory_bytes,
@@ -481,10 +518,10 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
         return json.loads(record.read_text(encoding="utf-8"))
     settings = config.evaluation
     log(f"noise robustness of {name} on {case.case_id}")
-    mask_volume = case.mask_volume
+    mask_volume, scaled = case.mask_volume, _scored_scale(config, model, case)
 
     def translate(source: Volume) -> Volume:
-        return translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean
+        return scaled(translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean)
 
     rows = noise_robustness(translate, case.source, case.reference.array, case.mask, scoring.values,
                             settings["noise_levels"], seed=settings["seed"])

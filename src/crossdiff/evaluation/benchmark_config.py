@@ -26,8 +26,10 @@ evaluation:
   slices: null                        # translate only this many central slices per test case (null: all)
   samples: 4                          # draws of stochastic methods: output = their mean, std = uncertainty
   noise_levels: [0.03, 0.09, 0.15, 0.21]   # noise robustness on each fold's first test case ([] skips it)
-  fid_features: null                  # a .pt2 feature extractor for FID (null: FID not computed)
+  fid_features: null                  # VGG16 weights (.safetensors or .pth) for FID (null: not computed)
   timing_slices: 2                    # central slices that each `timing` entry translates
+  target_intensity: training          # or 'case': translations put on each held-out reference's own intensity
+                                      # scale before scoring (MR in scanner units that differ between subjects)
   seed: 0
 quick:                                # merged over the above with --quick
   train: {training: {steps: 20}}
@@ -37,25 +39,44 @@ quick:                                # merged over the above with --quick
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from crossdiff.config_schema import check_method_settings, check_section, mapping, read_yaml
+from crossdiff.data.cases import PreparationConfig
+from crossdiff.data.slices import SliceConfig
 from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.metrics import STANDARDS
+from crossdiff.file_checks import path_name_problem
 from crossdiff.methods import get_method
+from crossdiff.methods.base import DataSpec
+from crossdiff.training import TrainConfig
 
 TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick", "groups", "budget")
 BUDGET_DEFAULTS: dict[str, Any] = {"train_seconds": None, "calibration_steps": 20}
 TRAIN_SECTIONS = ("slices", "preparation", "training")
-EVALUATION_DEFAULTS: dict[str, Any] = {
-    "metrics": "synthrad2023", "slices": None, "samples": 1, "noise_levels": [], "fid_features": None, "seed": 0,
-    "timing_slices": 2,
-}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """The `evaluation` section's settings and their types (ranges are checked in `_evaluation`)."""
+
+    metrics: str = "synthrad2023"
+    slices: int | None = None
+    samples: int = 1
+    noise_levels: list[float] = field(default_factory=list)
+    fid_features: str | None = None
+    seed: int = 0
+    timing_slices: int = 2
+    target_intensity: str = "training"
+
+
+EVALUATION_DEFAULTS: dict[str, Any] = asdict(EvaluationSettings())
+TARGET_INTENSITIES = ("training", "case")
 LEAVE_ONE_OUT = "leave-one-out"
 
 
@@ -108,18 +129,11 @@ class BenchmarkConfig:
 
 def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
     """Read and check the YAML; every problem is an InputError naming the file."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise InputError(path, "does not exist") from None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
-        raise InputError(path, f"cannot be read as YAML ({str(error).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise InputError(path, "must be a YAML mapping")
+    raw = dict(mapping(path, read_yaml(path, "benchmark config"), "benchmark config"))
     unknown = sorted(set(raw) - set(TOP_LEVEL))
     if unknown:
         raise InputError(path, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_LEVEL)}")
-    overrides = raw.pop("quick", None) or {}
+    overrides = mapping(path, raw.pop("quick", None), "'quick'")
     if quick and not overrides:
         raise InputError(path, "--quick asks for the config's 'quick:' overrides, and it has none")
     if quick:
@@ -127,21 +141,32 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
     for key in ("data", "source", "target", "test", "methods"):
         if key not in raw:
             raise InputError(path, f"needs a {key!r} entry")
+    for key in ("data", "source", "layout"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key]) and not (key == "layout" and raw[key] is None):
+            raise InputError(path, f"{key!r} must be a text, not {raw[key]!r}")
     targets = _targets(path, raw["target"])
-    return BenchmarkConfig(
-        path=path,
-        data=_relative(path, raw["data"]),
-        layout=raw.get("layout"),
-        source=str(raw["source"]).lower(),
-        target=targets[0],
-        targets=targets,
-        test=_test_cases(path, raw["test"]),
-        methods=_methods(path, raw["methods"]),
-        train=_train_sections(path, raw.get("train") or {}),
-        evaluation=_evaluation(path, raw.get("evaluation") or {}),
-        groups=_groups(path, raw.get("groups") or {}),
-        budget=_budget(path, raw.get("budget") or {}),
-    )
+    try:
+        config = BenchmarkConfig(
+            path=path,
+            data=_relative(path, raw["data"]),
+            layout=raw.get("layout"),
+            source=raw["source"].lower(),
+            target=targets[0],
+            targets=targets,
+            test=_test_cases(path, raw["test"]),
+            methods=_methods(path, raw["methods"]),
+            train=_train_sections(path, raw.get("train") or {}),
+            evaluation=_evaluation(path, raw.get("evaluation") or {}),
+            groups=_groups(path, raw.get("groups") or {}),
+            budget=_budget(path, raw.get("budget") or {}),
+        )
+        for entry in config.methods:
+            _check_training(config, entry)
+    except InputError:
+        raise
+    except CrossdiffError as error:  # a section's own check (types, ranges, method settings): name the file
+        raise InputError(path, str(error)) from None
+    return config
 
 
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +181,9 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _relative(config: Path, value: Any) -> Path:
-    path = Path(str(value)).expanduser()
+    path = Path(str(value))
+    with contextlib.suppress(RuntimeError):  # '~user/...' of an unknown user stays as written
+        path = path.expanduser()
     return path if path.is_absolute() else Path(os.path.normpath(config.parent / path))
 
 
@@ -175,11 +202,13 @@ def _test_cases(path: Path, value: Any) -> list[str] | str | int:
         if set(value) != {"folds"} or not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
             raise InputError(path, f"'test: {{folds: K}}' needs a whole number K >= 2, not {value!r}")
         return folds
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise InputError(path, f"'test' must list held-out case ids, be {LEAVE_ONE_OUT!r} or {{folds: K}}")
+    cases = [value] if isinstance(value, str) else value
+    if not isinstance(cases, list) or not cases or not all(isinstance(v, str) for v in cases):
+        raise InputError(path, f"'test' must list held-out case ids, be {LEAVE_ONE_OUT!r} or {{folds: K}}")
+    for case in cases:
+        if problem := path_name_problem(case):
+            raise InputError(path, f"'test': the case id {case!r} {problem}")
+    return list(cases)
 
 
 def _groups(path: Path, value: Any) -> dict[str, list[str]]:
@@ -227,8 +256,13 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
         if not isinstance(timing, list) or not all(isinstance(options, dict) and options for options in timing):
             raise InputError(path, f"'timing' of {item['method']} must list translation options, e.g. "
                                    "[{sampler: ddpm, steps: 1000}]")
-        entries.append(MethodEntry(str(item["method"]), str(item.get("name", item["method"])),
-                                   dict(item.get("config") or {}), [dict(options) for options in timing],
+        name = item.get("name", item["method"])
+        if problem := path_name_problem(name):
+            raise InputError(path, f"method name {name!r} {problem}")
+        config = item.get("config") or {}
+        if not isinstance(config, dict):
+            raise InputError(path, f"'config' of {name} must be a mapping of method settings")
+        entries.append(MethodEntry(str(item["method"]), name, dict(config), [dict(options) for options in timing],
                                    {str(stage): dict(section) for stage, section in stages.items()},
                                    _train_sections(path, item.get("train") or {})))
     names = [entry.name for entry in entries]
@@ -238,15 +272,31 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
     return entries
 
 
+def _check_training(config: BenchmarkConfig, entry: MethodEntry) -> None:
+    """The sections one method is trained with (the shared ones, its own merged over them) checked as
+    `crossdiff train` will check them, and its method section (each stage's) typed and built on the meta
+    device (a new cldm diffusion stage only typed: it is built from its trained autoencoder)."""
+    sections = config.train_sections(entry)
+    slices = SliceConfig.from_dict(sections["slices"])
+    TrainConfig.from_dict(sections["training"])
+    modalities = [config.source, *config.targets]
+    PreparationConfig.from_dict({"modalities": modalities, "reference": modalities[1], **sections["preparation"]})
+    data = DataSpec(slices.channels, 1, slices.size)
+    for stage in get_method(entry.method).training_stages or (None,):
+        settings = entry.stage_config(stage) | ({"stage": stage} if stage else {})
+        check_method_settings(entry.method, settings, data, build=stage != "diffusion")
+
+
 def _train_sections(path: Path, value: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict) or set(value) - set(TRAIN_SECTIONS):
         raise InputError(path, f"'train' may hold only the sections {', '.join(TRAIN_SECTIONS)}")
-    return {section: dict(value.get(section) or {}) for section in TRAIN_SECTIONS}
+    return {section: dict(mapping(path, value.get(section), f"'train.{section}'")) for section in TRAIN_SECTIONS}
 
 
 def _evaluation(path: Path, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or set(value) - set(EVALUATION_DEFAULTS):
         raise InputError(path, f"'evaluation' may hold only {', '.join(EVALUATION_DEFAULTS)}")
+    check_section("evaluation", value, EvaluationSettings)
     settings = {**EVALUATION_DEFAULTS, **value}
     if settings["metrics"] not in STANDARDS:
         raise InputError(path, f"evaluation metrics must be one of {', '.join(STANDARDS)}")
@@ -256,5 +306,9 @@ def _evaluation(path: Path, value: Any) -> dict[str, Any]:
         raise InputError(path, "evaluation slices must be null (all) or at least 7 (the SSIM window)")
     if not isinstance(settings["timing_slices"], int) or settings["timing_slices"] < 1:
         raise InputError(path, "evaluation timing_slices must be a whole number >= 1")
+    if settings["target_intensity"] not in TARGET_INTENSITIES:
+        raise InputError(path, f"evaluation target_intensity must be one of {', '.join(TARGET_INTENSITIES)}")
     settings["noise_levels"] = [float(level) for level in settings["noise_levels"] or []]
+    if any(level < 0 for level in settings["noise_levels"]) or settings["seed"] < 0:
+        raise InputError(path, "evaluation noise_levels and seed must be >= 0")
     return settings

@@ -23,7 +23,7 @@ from crossdiff.evaluation.report import Section, Table, write_report
 from crossdiff.evaluation.statistics import PairedTest, describe, pairwise_tests
 from crossdiff.evaluation.variability import CalibrationBin
 from crossdiff.provenance import code_version, describe_code_version
-from crossdiff.readers import read_mask, read_volume
+from crossdiff.readers import read_mask, read_output, read_volume
 
 MAIN_METRICS = ("mae", "me", "psnr", "ssim", "ssim_2d", "ms_ssim", "mae_bone")
 SLICE_METRICS = ("mae", "psnr")
@@ -107,6 +107,7 @@ def _cost_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
             "parameters": info.parameters,
             "train_s_per_step": _mean(info.train_seconds_per_step),
             "train_minutes": None if not info.train_seconds else _mean(info.train_seconds) / 60,
+            "train_peak_memory_mb": max(info.train_peak_memory_bytes) / 2**20 if info.train_peak_memory_bytes else None,
             "s_per_volume": float(np.mean([c["seconds"] for c in mine])),
             "s_per_slice": float(np.mean([c["s_per_slice"] for c in mine])),
             "nfe_per_draw": mine[0]["nfe"],
@@ -172,7 +173,7 @@ def _unit_scale(
 def _case_arrays(result: BenchmarkResult, name: str, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cases = result.out / "cases"
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
-    prediction = read_volume(result.out / "translations" / name / f"{case}.nii.gz")
+    prediction = read_output(result.out / "translations" / name / f"{case}.nii.gz")
     mask = read_mask(cases / "mask" / f"{case}.nii.gz", reference)
     return reference.array.astype(np.float64), prediction.array.astype(np.float64), mask.array.astype(bool)
 
@@ -184,7 +185,8 @@ def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[st
     runs = result.runs
     structural = next(m for m in ("ssim", "ssim_2d", "ms_ssim") if m in runs[0].metrics)
     units = "HU" if result.hounsfield else "normalised"
-    drawn = {"panels": (_panels(result, names, folder / "panels.png"), _panel_caption(result, runs[0].case))}
+    panels = _panels(result, names, folder / "panels.png")
+    drawn = {} if panels is None else {"panels": (panels, _panel_caption(result, _panel_case(result, names)))}
     box = {m: {n: [r.metrics[m] for r in runs if r.method == n] for n in names} for m in ("mae", "psnr", structural)}
     box["mae per slice"] = {n: [row["mae"] for r in runs if r.method == n for row in r.slices] for n in names}
     drawn["box"] = (figures.box_plots(folder / "metrics.png", box), f"Metrics per held-out case (MAE per slice last; {units})")
@@ -209,18 +211,24 @@ def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[st
     return drawn
 
 
-def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
-    case = result.runs[0].case
+def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path | None:
+    """The central slice of the first held-out case whose every translation this checkout holds (None when
+    none does: a report finished from committed records)."""
     cases = result.out / "cases"
+    drawn = [r.case for r in result.runs if (cases / "source" / f"{r.case}.nii.gz").is_file()
+             and all((result.out / "translations" / n / f"{r.case}.nii.gz").is_file() for n in names)]
+    if not drawn:
+        return None
+    case = drawn[0]
     source = read_volume(cases / "source" / f"{case}.nii.gz").array
     reference = read_volume(cases / "reference" / f"{case}.nii.gz")
     middle = reference.shape[0] // 2
-    predictions = {n: read_volume(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
+    predictions = {n: read_output(result.out / "translations" / n / f"{case}.nii.gz").array[middle] for n in names}
     uncertainty = None
     for name in names:
         file = result.out / "uncertainty" / name / f"{case}.nii.gz"
         if file.is_file():
-            uncertainty = read_volume(file).array[middle]
+            uncertainty = read_output(file).array[middle]
             break
     mask = read_volume(cases / "mask" / f"{case}.nii.gz").array[middle]
     spacing = reference.geometry.spacing
@@ -228,6 +236,11 @@ def _panels(result: BenchmarkResult, names: list[str], path: Path) -> Path:
     error_max = 300.0 if result.hounsfield else float(window[1] - window[0]) / 2
     return figures.comparison_panels(path, source[middle], reference.array[middle], predictions, uncertainty, mask,
                                      window=window, error_max=error_max, aspect=spacing[1] / spacing[0])
+
+
+def _panel_case(result: BenchmarkResult, names: list[str]) -> str:
+    return next(r.case for r in result.runs
+                if all((result.out / "translations" / n / f"{r.case}.nii.gz").is_file() for n in names))
 
 
 def _panel_caption(result: BenchmarkResult, case: str) -> str:
@@ -238,6 +251,10 @@ def _panel_caption(result: BenchmarkResult, case: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ sections
+
+
+_CASE_SCALE = (" (each translation first put on its held-out reference's own intensity scale: through the model's "
+               "target scaling and back through the one the preparation fitted to that reference)")
 
 
 def _intro(result: BenchmarkResult) -> str:
@@ -251,6 +268,7 @@ def _intro(result: BenchmarkResult) -> str:
         f"training {training or 'default'}).\n\n"
         f"Metrics: {config.evaluation['metrics']} definitions inside the body mask"
         f"{'' if result.hounsfield else f', on the {result.scale.label} scale'}"
+        f"{_CASE_SCALE if config.evaluation['target_intensity'] == 'case' else ''}"
         f"{'; SSIM per 2-D slice (the cases are stacks of 2-D images)' if result.planar else ''}; "
         f"ME is prediction minus reference. Machine: {machine}. Code: {describe_code_version()}."
     )
@@ -267,12 +285,14 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
     test_note = (f"Paired two-sided Wilcoxon signed-rank tests. {over_cases}; tests over slices treat the slices of one "
                  "patient as independent, which they are not: read them as descriptive.")
     sections = [
-        Section("Results", "Mean ± SD over the held-out cases.", [Table.from_records(overview)], [drawn["panels"], drawn["box"]]),
+        Section("Results", "Mean ± SD over the held-out cases.", [Table.from_records(overview)],
+                [drawn[key] for key in ("panels", "box") if key in drawn]),
         *_group_sections(result, names, metrics),
         Section("Per case", "", [Table.from_records(tables["results.csv"])]),
         Section("Statistical tests", test_note + " " + _best_note(tables["tests.csv"], overview),
                 [Table.from_records(_best_against_others(tables["tests.csv"], overview))] if tables["tests.csv"] else []),
-        Section("Cost", "Peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
+        Section("Cost", "Training peak memory: the peak RSS of each training process (the largest over folds). "
+                "Translation peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
                 [drawn["speed"], drawn["nfe"]]),
         Section("Sampling speed", "Seconds per slice for one draw (translation time over translated slices and draws). "
                 "Rows other than 'as evaluated' time another sampler of the same trained model on the central "

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from crossdiff.atomic import write_json, write_text
-from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.atomic import write_texts
+from crossdiff.errors import CrossdiffError, InputError, InputWarning
 from crossdiff.evaluation.metrics import (
     AIR_BELOW_HU,
     BONE_FROM_HU,
@@ -52,6 +54,7 @@ class Evaluation:
     standard: str
     scale: str
     cases: list[CaseResult]
+    warnings: list[str] = field(default_factory=list)  # what reading the inputs warned about (InputWarning)
 
     @property
     def metrics(self) -> list[str]:
@@ -80,15 +83,20 @@ def evaluate_cases(
     if modality not in MODALITIES:
         raise CrossdiffError(f"unknown modality {modality!r}; choose from {', '.join(MODALITIES)}")
     results, scales = [], set()
-    for case in cases:
-        result, scale = _score(case, standard, modality, units, planar)
-        results.append(result)
-        scales.add(scale)
-        if progress is not None:
-            progress(case.name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputWarning)
+        for case in cases:
+            result, scale = _score(case, standard, modality, units, planar)
+            results.append(result)
+            scales.add(scale)
+            if progress is not None:
+                progress(case.name)
+    for warning in caught:  # shown as usual, and kept for summary.json: a default the reader assumed is part of the result
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if len(scales) > 1:
         raise CrossdiffError("the references mix CT and other modalities; pass --modality ct or --modality mr")
-    return Evaluation(standard, scales.pop() if scales else "HU", results)
+    notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, InputWarning)))
+    return Evaluation(standard, scales.pop() if scales else "HU", results, notes)
 
 
 def _score(case: EvaluationCase, standard: str, modality: str, units: str | None, planar: bool) -> tuple[CaseResult, str]:
@@ -119,20 +127,18 @@ def _score(case: EvaluationCase, standard: str, modality: str, units: str | None
 
 
 def write_evaluation(evaluation: Evaluation, out: Path, seed: int = 0) -> list[Path]:
-    """metrics.csv (one row per case), slices.csv, summary.csv and summary.json in `out`."""
+    """metrics.csv (one row per case), slices.csv, summary.csv and summary.json in `out`, as one set: all
+    four are written and flushed before any replaces an earlier one (crossdiff.atomic.write_texts)."""
     summary = evaluation.summary(seed)
     case_rows = [{"case": c.name, **c.values, "scale": evaluation.scale, "mask": c.mask} for c in evaluation.cases]
     slice_rows = [{"case": c.name, **row, "scale": evaluation.scale} for c in evaluation.cases for row in c.slices]
     summary_rows = [{"metric": metric, **stats.as_dict()} for metric, stats in summary.items()]
-    files = {
+    return write_texts(out, {
         "metrics.csv": csv_text(case_rows),
         "slices.csv": csv_text(slice_rows),
         "summary.csv": csv_text(summary_rows),
-    }
-    for name, text in files.items():
-        write_text(out / name, text)
-    write_json(out / "summary.json", plain_json(describe_evaluation(evaluation, summary)))
-    return [out / name for name in (*files, "summary.json")]
+        "summary.json": json.dumps(plain_json(describe_evaluation(evaluation, summary)), indent=2) + "\n",
+    })
 
 
 def describe_evaluation(evaluation: Evaluation, summary: dict[str, Summary]) -> dict[str, Any]:
@@ -159,6 +165,7 @@ def describe_evaluation(evaluation: Evaluation, summary: dict[str, Summary]) -> 
         "summary": {metric: stats.as_dict() for metric, stats in summary.items()},
         "values": {case.name: case.values for case in evaluation.cases},
         "masks": {case.name: case.mask for case in evaluation.cases},
+        "input_warnings": evaluation.warnings,
     }
 
 

@@ -1,10 +1,12 @@
-"""Fréchet distance between feature distributions (FID) of real and synthetic slices, computed only
-with a feature extractor the user supplies: crossdiff downloads nothing, and an Inception network
-trained on photographs is a questionable judge of CT anyway, so the choice of network stays visible.
+"""Fréchet distance between feature distributions (FID) of real and synthetic slices.
 
-The extractor is a `.pt2` file written by `torch.export.save` (TorchScript is deprecated in torch
-2.13), exported with a dynamic batch dimension: it receives float slices (N, 1, H, W) scaled to [0, 1]
-and returns features (N, D). Load only files you trust.
+The feature network is one crossdiff defines: VGG16's convolutional part (torchvision's layer layout,
+`crossdiff.losses.vgg16_features`) up to relu5_3, averaged over the image, 512 features per slice. Only
+its weights come from the user, as a `.safetensors` file or a `torch.load(weights_only=True)` file
+(e.g. torchvision's `vgg16-397923af.pth`): no file is ever unpickled into code, so a crafted weights
+file cannot run anything (an exported `.pt2` program is refused outright: `torch.export.load` falls
+back to a full unpickle). crossdiff downloads nothing, and an ImageNet network is a questionable judge
+of CT anyway, so FID is labelled with the network and its weights, and is "not computed" without them.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import linalg
+from torch import nn
 
-from crossdiff.errors import CrossdiffError, InputError, error_summary
+from crossdiff.errors import CrossdiffError, InputError
+from crossdiff.losses import IMAGENET_MEAN, IMAGENET_STD, VGG16_LAYERS, load_vgg16_features
 
-NOT_COMPUTED = "not computed: no feature extractor was supplied (crossdiff downloads no network weights)"
+NOT_COMPUTED = "not computed: no VGG16 weights file was supplied (crossdiff downloads no network weights)"
+FEATURE_LAYER = "relu5_3"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 BATCH = 32
 
 
 @dataclass(frozen=True)
 class FidResult:
-    """`value` None when not computed, with `note` saying why (or which extractor was used)."""
+    """`value` None when not computed, with `note` saying why (or which network and weights were used)."""
 
     value: float | None
     note: str
@@ -48,39 +54,45 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
 
 
-def load_extractor(path: Path) -> torch.nn.Module:
-    if not path.name.lower().endswith(".pt2"):
-        raise InputError(path, "is not a feature extractor: give a .pt2 file written by torch.export.save")
-    try:
-        return torch.export.load(str(path)).module()
-    except Exception as error:  # torch raises zip, runtime and deserialisation errors of many kinds
-        raise InputError(path, f"could not be loaded as an exported network ({error_summary(error)})") from None
+class SliceFeatures(nn.Module):
+    """Grey [0, 1] slices (N, 1, H, W) -> (N, 512): repeated to RGB, ImageNet-normalised as VGG16 was
+    trained, VGG16 features to relu5_3, mean over the image."""
+
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        rgb = (slices.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return self.features(rgb).mean(dim=(2, 3))
+
+
+def load_feature_network(path: Path) -> SliceFeatures:
+    """The FID network with the weights of `path` (InputError naming it when they cannot be used)."""
+    if not path.name.lower().endswith(WEIGHT_SUFFIXES):
+        raise InputError(path, f"is not a VGG16 weights file: give {', '.join(WEIGHT_SUFFIXES)} (an exported .pt2 "
+                               "program is refused: loading one can run code)")
+    return SliceFeatures(load_vgg16_features(path, VGG16_LAYERS[FEATURE_LAYER])).eval()
 
 
 @torch.no_grad()
-def extract_features(extractor: torch.nn.Module, slices: np.ndarray, path: Path) -> np.ndarray:
+def extract_features(network: nn.Module, slices: np.ndarray) -> np.ndarray:
     """Features of (N, H, W) slices in [0, 1], in batches."""
     outputs = []
     for start in range(0, len(slices), BATCH):
         batch = torch.from_numpy(np.ascontiguousarray(slices[start : start + BATCH], dtype=np.float32))[:, None]
-        try:
-            features = extractor(batch)
-        except Exception as error:  # e.g. an export with a fixed batch size or another slice size
-            problem = f"the extractor failed on slices of shape {tuple(batch.shape)} ({error_summary(error)})"
-            raise InputError(path, problem) from None
-        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != batch.shape[0]:
-            raise InputError(path, "the extractor must return one feature vector per slice, shape (N, D)")
-        outputs.append(features.double().numpy())
+        outputs.append(network(batch).double().numpy())
     return np.concatenate(outputs)
 
 
-def fid(real: np.ndarray, synthetic: np.ndarray, extractor: Path | None) -> FidResult:
-    """FID of (N, H, W) slices in [0, 1], or a 'not computed' result without an extractor."""
-    if extractor is None:
+def fid(real: np.ndarray, synthetic: np.ndarray, weights: Path | None) -> FidResult:
+    """FID of (N, H, W) slices in [0, 1] with VGG16 weights from `weights`, or 'not computed' without them."""
+    if weights is None:
         return FidResult(None, NOT_COMPUTED)
-    if not extractor.is_file():
-        raise InputError(extractor, "does not exist")
-    network = load_extractor(extractor)
-    real_stats = feature_statistics(extract_features(network, real, extractor))
-    synthetic_stats = feature_statistics(extract_features(network, synthetic, extractor))
-    return FidResult(frechet_distance(*real_stats, *synthetic_stats), f"features from {extractor.name}")
+    network = load_feature_network(weights)
+    real_stats = feature_statistics(extract_features(network, real))
+    synthetic_stats = feature_statistics(extract_features(network, synthetic))
+    note = f"VGG16 {FEATURE_LAYER} features averaged over each slice, weights {weights.name}"
+    return FidResult(frechet_distance(*real_stats, *synthetic_stats), note)

@@ -12,10 +12,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from crossdiff.errors import CrossdiffError
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,15 @@ class DataSpec:
     source_channels: int
     target_channels: int = 1
     size: tuple[int, int] = (64, 64)
+
+
+def check_single_slices(name: str, data: DataSpec) -> None:
+    """Unpaired methods that translate both ways turn one target slice into one source slice, which cannot
+    give a forward network the 2k+1 neighbouring source slices of 2.5-D input."""
+    if data.source_channels != data.target_channels:
+        raise CrossdiffError(
+            f"{name} translates 2-D slices both ways, so the source needs {data.target_channels} channel(s) like "
+            f"the target, not {data.source_channels}: set `slices: {{context: 0}}` (2.5-D context cannot be cycled)")
 
 
 @dataclass
@@ -84,6 +96,14 @@ class Method(ABC):
         self.config = dict(config)
         self.data = data
 
+    @classmethod
+    def default_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """Every setting of this method with its default, whose type a config must match: the method
+        built from no settings on PyTorch's meta device (nothing allocated). `settings` picks the variant
+        for methods whose defaults depend on one (cldm's stage)."""
+        with torch.device("meta"):
+            return dict(cls({}, DataSpec(1)).config)
+
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
         """Every network, by name: these are saved, EMA-averaged, moved to the device and DDP-wrapped."""
@@ -103,6 +123,12 @@ class Method(ABC):
         """Translate source slices (B, C, H, W) in [-1, 1]. Stochastic methods draw `samples` times;
         `options` are method-specific (sampler, steps, eta, ...), unknown ones are an error."""
 
+    @classmethod
+    def with_paths_from(cls, config: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """The method settings of a YAML file in `folder`, with the relative paths they name read from there
+        (cddpm-distill's teacher); unchanged by default."""
+        return config
+
     def validation_metrics(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, float]:
         """Method-specific held-out measures for the training record (e.g. a critic's accuracy), averaged over
         validation batches; none by default."""
@@ -112,3 +138,31 @@ class Method(ABC):
         """A cheap held-out loss to watch while training (default: L1 of one translation)."""
         result = self.translate(batch["source"], generator, samples=1)
         return float((result.mean - batch["target"]).abs().mean())
+
+
+class SingleLossMethod(Method):
+    """A method that learns one network `net` with one optimiser `optimizer` (named 'model') on one loss,
+    `loss(batch, generator)`, which is also its held-out loss (one network call, where a translation costs
+    its sampling steps): the diffusion, bridge and flow methods. Subclasses build `net` and `optimizer`."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @abstractmethod
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The training loss of a batch, every random draw from `generator`."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+        return {"model": (self.optimizer, ["net"])}
+
+    def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
+        loss = self.loss(batch, context.generator)
+        context.optimize("model", loss)
+        return {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> float:
+        return float(self.loss(batch, generator))

@@ -130,6 +130,15 @@ class ConditionalLatentDiffusion(Method):
             )
         self.autoencoder = build_autoencoder(self.config["autoencoder"])
 
+    @classmethod
+    def default_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:
+        """The shared settings and those of the stage `settings` asks for (a new diffusion stage cannot be
+        built without its autoencoder, so the defaults are read rather than built)."""
+        stage = settings.get("stage", SHARED_DEFAULTS["stage"])
+        if stage not in STAGES:
+            raise CrossdiffError(f"cldm has the stages {', '.join(STAGES)}, not {stage!r}")
+        return {**SHARED_DEFAULTS, "stage": stage, **STAGES[stage].defaults}
+
     @property
     def targets(self) -> list[str]:
         return list(self.config["targets"])

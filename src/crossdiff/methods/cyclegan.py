@@ -23,10 +23,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from crossdiff.errors import CrossdiffError
-from crossdiff.losses import RECONSTRUCTION_DEFAULTS, ReconstructionLoss, adversarial_loss, check_gan_loss
+from crossdiff.losses import (
+    RECONSTRUCTION_DEFAULTS,
+    ReconstructionLoss,
+    adversarial_loss,
+    check_gan_loss,
+    critic_loss,
+)
 from crossdiff.methods import register_method
-from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
+from crossdiff.methods.base import DataSpec, Method, StepContext, Translation, check_single_slices
 from crossdiff.methods.unet import adamw, checked_settings, module_device, refuse_sampling
 from crossdiff.nets.gan import ImagePool, PatchGAN, ResnetGenerator
 
@@ -55,27 +60,32 @@ class CycleGANMethod(Method):
     stochastic: ClassVar[bool] = False
     paired: ClassVar[bool] = False
 
+    defaults: ClassVar[dict[str, Any]] = CYCLEGAN_DEFAULTS
+
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
-        super().__init__(checked_settings(self.name, CYCLEGAN_DEFAULTS, config), data)
-        if data.source_channels != data.target_channels:
-            raise CrossdiffError(
-                f"cyclegan translates 2-D slices both ways, so the source needs {data.target_channels} channel(s) like "
-                f"the target, not {data.source_channels}: set `slices: {{context: 0}}` (2.5-D context cannot be cycled)"
-            )
+        super().__init__(checked_settings(self.name, self.defaults, config), data)
+        check_single_slices(self.name, data)
         check_gan_loss(self.config["gan_loss"])
         c = self.config
-        generator = {"filters": int(c["filters"]), "blocks": int(c["blocks"]), "downsamplings": int(c["downsamplings"]),
-                     "norm": c["norm"], "dropout": float(c["dropout"])}
         critic = (int(c["discriminator_filters"]), int(c["discriminator_layers"]))
         channels = data.source_channels
-        self.generator = ResnetGenerator(channels, channels, **generator)
-        self.reverse_generator = ResnetGenerator(channels, channels, **generator)
+        self.generator = self.build_generator(channels)
+        self.reverse_generator = self.build_generator(channels)
         self.discriminator = PatchGAN(channels, *critic)
         self.reverse_discriminator = PatchGAN(channels, *critic)
         self.target_pool = ImagePool(int(c["pool_size"]), (channels, *data.size))
         self.source_pool = ImagePool(int(c["pool_size"]), (channels, *data.size))
         self._optimizers: dict[str, tuple[torch.optim.Optimizer, list[str]]] | None = None
         self.cycle: ReconstructionLoss | None = None  # training-only, made with the optimisers
+
+    def build_generator(self, channels: int) -> nn.Module:
+        """One of the two generators (both directions have the same architecture); subclasses swap it."""
+        return ResnetGenerator(channels, channels, **self.resnet_settings())
+
+    def resnet_settings(self) -> dict[str, Any]:
+        c = self.config
+        return {"filters": int(c["filters"]), "blocks": int(c["blocks"]), "downsamplings": int(c["downsamplings"]),
+                "norm": c["norm"], "dropout": float(c["dropout"])}
 
     def modules(self) -> dict[str, nn.Module]:
         return {
@@ -115,18 +125,12 @@ class CycleGANMethod(Method):
             loss = loss + float(self.config["identity_weight"]) * weight * identity
         context.optimize("generators", loss)  # also fills the critics' gradients; their step zeroes them first
 
-        critic = (self._critic_loss(self.discriminator, real_b, self.target_pool(fake_b.detach(), context.generator))
-                  + self._critic_loss(self.reverse_discriminator, real_a, self.source_pool(fake_a.detach(), context.generator)))
+        critic = (critic_loss(self.discriminator, real_b, self.target_pool(fake_b.detach(), context.generator), kind)
+                  + critic_loss(self.reverse_discriminator, real_a, self.source_pool(fake_a.detach(), context.generator), kind))
         context.optimize("discriminators", critic)
         logged = {"loss": loss, "adversarial": adversarial, "cycle": cycle_a + cycle_b, "identity": identity,
                   "discriminators": critic, **{f"cycle_{key}": terms_a[key] + terms_b[key] for key in terms_a}}
         return {key: float(value.detach()) for key, value in logged.items()}
-
-    def _critic_loss(self, critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """Least-squares (or vanilla) loss of one critic on real and pooled fake images, judged in one call."""
-        on_real, on_fake = critic(torch.cat([real, fake])).chunk(2)
-        kind = self.config["gan_loss"]
-        return 0.5 * (adversarial_loss(on_real, True, kind) + adversarial_loss(on_fake, False, kind))
 
     @torch.no_grad()
     def translate(

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from crossdiff.diffusion.predictions import check_prediction, diffusion_loss, prediction_target, to_x0_eps
 from crossdiff.diffusion.processes import VESDE, VPSDE, DiscreteVP, GaussianProcess, per_sample, standard_normal
@@ -25,7 +25,7 @@ from crossdiff.diffusion.samplers import Denoise, SampleResult, check_options, s
 from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
-from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
+from crossdiff.methods.base import DataSpec, SingleLossMethod, Translation
 from crossdiff.nets.denoiser import DENOISER_DEFAULTS, build_denoiser
 
 SDES = ("vp", "ve")
@@ -57,7 +57,37 @@ def sampling_settings(
         options = {**config["sampler_options"], **options}
     return name, int(config["steps"] if steps is None else steps), options
 
-class _ConditionalDiffusion(Method):
+
+# A network as the losses and samplers below call it: (x_t, t) -> its raw output (epsilon, v or x0), with
+# whatever it is conditioned on already bound.
+Network = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def denoising_loss(process: GaussianProcess, prediction: str, network: Network, x0: torch.Tensor,
+                   generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise x0 at random times and score the network's prediction (Ho et al. 2020, Algorithm 1)."""
+    t = process.sample_time(x0.shape[0], generator).to(x0.device)
+    noise = standard_normal(x0, generator)
+    output = network(process.perturb(x0, t, noise), t)
+    alpha, sigma = per_sample(process.alpha(t), x0), per_sample(process.sigma(t), x0)
+    return diffusion_loss(output, prediction_target(prediction, x0, noise, alpha, sigma), mask=mask)
+
+
+def read_out(process: GaussianProcess, prediction: str, clip: bool, network: Network) -> Denoise:
+    """The network as samplers see it, x_t, t -> (x0_hat, eps_hat); `clip` clamps x0_hat to [-1, 1]."""
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha, sigma = per_sample(process.alpha(t), x_t), per_sample(process.sigma(t), x_t)
+        x0_hat, eps_hat = to_x0_eps(prediction, network(x_t, t), x_t, alpha, sigma)
+        if not clip:
+            return x0_hat, eps_hat
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+        return x0_hat, (x_t - alpha * x0_hat) / sigma
+
+    return denoise
+
+
+class _ConditionalDiffusion(SingleLossMethod):
     """What both diffusion methods share: the denoiser, the loss, and sampling with Monte-Carlo draws.
     Subclasses give their extra defaults and build their process."""
 
@@ -73,57 +103,42 @@ class _ConditionalDiffusion(Method):
         check_options(self.config["sampler"], self.config["sampler_options"])
         self.process = self.build_process()
         self.net = build_denoiser(self.config, data)
-        self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=float(self.config["lr"]), weight_decay=float(self.config["weight_decay"])
-        )
+        self._optimizers: dict[str, tuple[torch.optim.Optimizer, list[str]]] | None = None
 
     @abstractmethod
     def build_process(self) -> GaussianProcess:
         """The process this method noises with, from its config."""
 
-    def modules(self) -> dict[str, nn.Module]:
-        return {"net": self.net}
-
     def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
-        return {"model": (self.optimizer, ["net"])}
+        if self._optimizers is None:
+            self._optimizers = self.make_optimizers()
+        return self._optimizers
 
-    def _loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
-        """Noise the target at random times and score the prediction (Ho et al. 2020, Algorithm 1)."""
-        x0, source = batch["target"], batch["source"]
-        t = self.process.sample_time(x0.shape[0], generator).to(x0.device)
-        noise = standard_normal(x0, generator)
-        x_t = self.process.perturb(x0, t, noise)
-        output = self._network(x_t, source, t)
-        alpha, sigma = per_sample(self.process.alpha(t), x0), per_sample(self.process.sigma(t), x0)
-        target = prediction_target(self.config["prediction"], x0, noise, alpha, sigma)
-        return diffusion_loss(output, target, mask=batch["mask"] if self.config["masked_loss"] else None)
+    def make_optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+        """Built at first use, so that subclasses' extra networks (cycle-ddpm, unit-ddpm) exist by then."""
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=float(self.config["lr"]),
+                                      weight_decay=float(self.config["weight_decay"]))
+        return {"model": (optimizer, ["net"])}
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The denoising loss of the target given the source slices."""
+        source = batch["source"]
+        return denoising_loss(self.process, self.config["prediction"], lambda x_t, t: self._network(x_t, source, t),
+                              batch["target"], generator, mask=batch["mask"] if self.config["masked_loss"] else None)
 
     def _network(self, x_t: torch.Tensor, source: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         scale = per_sample(self.process.input_scale(t), x_t)
         return self.net(x_t * scale, source, self.process.network_time(t))
 
-    def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
-        loss = self._loss(batch, context.generator)
-        context.optimize("model", loss)
-        return {"loss": float(loss.detach())}
-
-    @torch.no_grad()
-    def validation_loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> float:
-        """The training loss on held-out slices: one network call, where a translation costs `steps`."""
-        return float(self._loss(batch, generator))
-
     def denoiser(self, source: torch.Tensor) -> Denoise:
         """The network as samplers see it, x_t, t -> (x0_hat, eps_hat), conditioned on `source`."""
+        return read_out(self.process, self.config["prediction"], self.config["clip"],
+                        lambda x_t, t: self._network(x_t, source, t))
 
-        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            alpha, sigma = per_sample(self.process.alpha(t), x_t), per_sample(self.process.sigma(t), x_t)
-            x0_hat, eps_hat = to_x0_eps(self.config["prediction"], self._network(x_t, source, t), x_t, alpha, sigma)
-            if not self.config["clip"]:
-                return x0_hat, eps_hat
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-            return x0_hat, (x_t - alpha * x0_hat) / sigma
-
-        return denoise
+    def sampling_denoiser(self, source: torch.Tensor, generator: torch.Generator) -> Denoise:
+        """What translation samples with: `denoiser(source)`; a method whose condition is itself random
+        (unit-ddpm conditions on the noisy source) draws it from `generator`."""
+        return self.denoiser(source)
 
     @torch.no_grad()
     def translate(
@@ -144,7 +159,7 @@ class _ConditionalDiffusion(Method):
 
         def draw(chunk: torch.Tensor) -> SampleResult:
             start = self.process.prior_sample((chunk.shape[0], *shape), generator).to(source.device)
-            return sample(name, self.denoiser(chunk), self.process, start, steps, generator, **options)
+            return sample(name, self.sampling_denoiser(chunk, generator), self.process, start, steps, generator, **options)
 
         result = monte_carlo(draw, source, samples, int(self.config["batch"] if batch is None else batch))
         return Translation(result.x.clamp(-1.0, 1.0), result.nfe)

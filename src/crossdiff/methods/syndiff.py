@@ -29,7 +29,7 @@ from crossdiff.diffusion.samplers import SampleResult
 from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
-from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
+from crossdiff.methods.base import DataSpec, Method, StepContext, Translation, check_single_slices
 from crossdiff.methods.unet import adamw, checked_settings
 from crossdiff.nets.gan import PatchGAN, ResnetGenerator
 from crossdiff.nets.syndiff import SynDiffGenerator, TimeDiscriminator
@@ -262,19 +262,12 @@ class UnpairedSynDiffMethod(SynDiffMethod):
     defaults: ClassVar[dict[str, Any]] = UNPAIRED_DEFAULTS
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
-        if data.source_channels != data.target_channels:
-            raise CrossdiffError(
-                f"syndiff-unpaired cycles 2-D slices both ways, so the source needs {data.target_channels} channel(s) "
-                f"like the target, not {data.source_channels}: set `slices: {{context: 0}}`")
+        check_single_slices(self.name, data)
         super().__init__(config, data)
         c, channels = self.config, data.source_channels
         self.reverse_generator = SynDiffGenerator(channels, channels, c["channels"], int(c["latent"]), int(c["embedding"]))
         self.reverse_discriminator = self._critic(channels)
-        estimator = {"filters": int(c["filters"]), "blocks": int(c["blocks"])}
-        self.target_estimator = ResnetGenerator(channels, channels, **estimator)
-        self.source_estimator = ResnetGenerator(channels, channels, **estimator)
-        self.target_critic = PatchGAN(channels, int(c["critic_filters"]), int(c["critic_layers"]))
-        self.source_critic = PatchGAN(channels, int(c["critic_filters"]), int(c["critic_layers"]))
+        self.target_estimator, self.source_estimator, self.target_critic, self.source_critic = estimators(c, channels)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "reverse_generator": self.reverse_generator,
@@ -303,8 +296,8 @@ class UnpairedSynDiffMethod(SynDiffMethod):
         penalise = self._penalise(context)
         critic_b, r1_b = self._critic_loss(self.discriminator, to_b, penalise)
         critic_a, r1_a = self._critic_loss(self.reverse_discriminator, to_a, penalise)
-        estimates = (_patch_loss(self.target_critic, b, b_estimate.detach())
-                     + _patch_loss(self.source_critic, a, a_estimate.detach()))
+        estimates = (patch_critic_loss(self.target_critic, b, b_estimate.detach())
+                     + patch_critic_loss(self.source_critic, a, a_estimate.detach()))
         critics = critic_b + critic_a + estimates
         context.optimize("discriminators", critics)
 
@@ -323,7 +316,16 @@ class UnpairedSynDiffMethod(SynDiffMethod):
         return {key: float(value.detach()) for key, value in logged.items()}
 
 
-def _patch_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def estimators(config: dict[str, Any], channels: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """SynDiff's non-diffusive module (also cycle-ddpm's): the source -> target and target -> source
+    ResNet estimators (`filters`, `blocks`) and their PatchGAN critics (`critic_filters`, `critic_layers`)."""
+    estimator = {"filters": int(config["filters"]), "blocks": int(config["blocks"])}
+    critic = (int(config["critic_filters"]), int(config["critic_layers"]))
+    return (ResnetGenerator(channels, channels, **estimator), ResnetGenerator(channels, channels, **estimator),
+            PatchGAN(channels, *critic), PatchGAN(channels, *critic))
+
+
+def patch_critic_loss(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Softplus loss of a PatchGAN critic on real and estimated images, judged in one call."""
     on_real, on_fake = critic(torch.cat([real, fake])).float().chunk(2)
     return F.softplus(-on_real).mean() + F.softplus(on_fake).mean()

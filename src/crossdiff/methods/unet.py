@@ -10,7 +10,7 @@ checkpoints, DDP) is the training loop's job.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,9 @@ from crossdiff.methods.base import DataSpec, Method, StepContext, Translation
 
 OUTPUTS = ("tanh", "clamp")
 OPTIMISER_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 1e-4, "betas": [0.9, 0.999]}
+# what the bridge, flow and distilled-diffusion methods share: AdamW without weight decay (as DDPM and score_sde
+# train), learning inside the body mask only or not, and how many slice-draws are sampled at once
+SAMPLED_DEFAULTS: dict[str, Any] = {**OPTIMISER_DEFAULTS, "weight_decay": 0.0, "masked_loss": False, "batch": 16}
 REGRESSION_DEFAULTS: dict[str, Any] = {
     # 'clamp': a linear output clamped to [-1, 1] at inference only; 'tanh' saturates where most of the target
     # sits at -1 (skull-stripped brain T2: the default tanh UNet collapsed to the floor, std 0.0; clamp learnt)
@@ -61,6 +64,14 @@ def adamw(parameters: Iterable[nn.Parameter], config: dict[str, Any]) -> torch.o
         weight_decay=float(config["weight_decay"]),
         betas=tuple(float(b) for b in config["betas"]),  # type: ignore[arg-type]
     )
+
+
+def adamw_groups(modules: dict[str, nn.Module], groups: dict[str, Sequence[str]],
+                 config: dict[str, Any]) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+    """One AdamW (`adamw`) per named group of modules, e.g. {"generators": [...], "discriminators": [...]}:
+    the `Method.optimizers` a method with several jointly trained networks returns."""
+    return {name: (adamw([p for module in names for p in modules[module].parameters()], config), list(names))
+            for name, names in groups.items()}
 
 
 def refuse_sampling(name: str, samples: int, options: dict[str, Any]) -> None:

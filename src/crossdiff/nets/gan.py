@@ -1,6 +1,7 @@
-"""Building blocks of the adversarial baselines (pix2pix, CycleGAN, and later SynDiff's adversarial
-non-diffusive module): the CycleGAN ResNet generator, the 70x70 PatchGAN discriminator and the pool
-of earlier generated images that CycleGAN's discriminators learn from."""
+"""Building blocks of the adversarial baselines (pix2pix, CycleGAN, SAGAN, UNIT, MUNIT and SynDiff's
+non-diffusive module): the CycleGAN ResNet generator (whose halves UNIT and MUNIT reuse), SAGAN's
+self-attention layer, the 70x70 PatchGAN discriminator and the pool of earlier generated images that
+CycleGAN's discriminators learn from."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from crossdiff.errors import CrossdiffError
 
-NORMS = ("instance", "batch", None)
+NORMS = ("instance", "batch", "layer", None)
 
 
 def _norm(kind: str | None, channels: int) -> nn.Module:
@@ -18,6 +19,8 @@ def _norm(kind: str | None, channels: int) -> nn.Module:
         return nn.InstanceNorm2d(channels)  # no affine parameters and no running statistics, as in CycleGAN
     if kind == "batch":
         return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)  # MUNIT's layer norm: each sample over C, H, W, per-channel affine
     return nn.Identity()
 
 
@@ -37,14 +40,64 @@ class ResidualBlock(nn.Module):
         return x + self.block(x)
 
 
+def downsampling_layers(in_channels: int, filters: int, downsamplings: int, norm: str | None) -> tuple[list[nn.Module], int]:
+    """The front half of CycleGAN's generator: a 7x7 reflection-padded stem and `downsamplings` stride-2
+    convolutions doubling the filters; returns the layers and the width they end at."""
+    bias = norm != "batch"  # batch norm's shift makes a bias redundant
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, filters, 7, bias=bias),
+                               _norm(norm, filters), nn.ReLU()]
+    width = filters
+    for _ in range(downsamplings):
+        layers += [nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=bias), _norm(norm, 2 * width), nn.ReLU()]
+        width *= 2
+    return layers, width
+
+
+def upsampling_layers(width: int, out_channels: int, downsamplings: int, norm: str | None) -> list[nn.Module]:
+    """The back half: `downsamplings` transposed convolutions halving the filters, then a 7x7 convolution
+    with tanh, so outputs lie in [-1, 1]."""
+    bias = norm != "batch"
+    layers: list[nn.Module] = []
+    for _ in range(downsamplings):
+        layers += [nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
+                   _norm(norm, width // 2), nn.ReLU()]
+        width //= 2
+    return [*layers, nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, 7), nn.Tanh()]
+
+
+def check_norm(norm: str | None) -> None:
+    if norm not in NORMS:
+        raise CrossdiffError(f"generator norm must be one of instance, batch, layer or none, not {norm!r}")
+
+
+class SelfAttention2d(nn.Module):
+    """SAGAN's self-attention layer (Zhang et al. 2019): every position attends to every other through
+    1x1 query and key projections of C/8 channels and a value projection of C; the result is added to the
+    input scaled by a learnt gamma that starts at 0, so the layer begins as the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = max(1, channels // 8)
+        self.query = nn.Conv2d(channels, inner, 1)
+        self.key = nn.Conv2d(channels, inner, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query, key, value = (projection(x).flatten(2) for projection in (self.query, self.key, self.value))
+        attention = torch.softmax(query.transpose(1, 2) @ key, dim=-1)  # (B, N, N): row i sums to 1 over positions j
+        return x + self.gamma * (value @ attention.transpose(1, 2)).view_as(x)
+
+
 class ResnetGenerator(nn.Module):
     """The image-to-image generator of CycleGAN (Zhu et al. 2017, after Johnson et al. 2016): a 7x7
     reflection-padded stem, `downsamplings` stride-2 convolutions doubling the filters, `blocks`
     residual blocks, as many transposed convolutions back, and a 7x7 convolution with tanh, so outputs
     lie in [-1, 1]. Slice sides must be divisible by 2**downsamplings.
 
-    `norm` is 'instance' (CycleGAN), 'batch' or None; convolutions carry a bias unless batch norm
-    follows them (its shift makes a bias redundant).
+    `norm` is 'instance' (CycleGAN), 'batch', 'layer' or None; convolutions carry a bias unless batch
+    norm follows them. `attention_blocks` > 0 puts a SelfAttention2d after each of the last that many
+    residual blocks (SAGAN's generator).
     """
 
     def __init__(
@@ -56,27 +109,19 @@ class ResnetGenerator(nn.Module):
         downsamplings: int = 2,
         norm: str | None = "instance",
         dropout: float = 0.0,
+        attention_blocks: int = 0,
     ) -> None:
         super().__init__()
-        if norm not in NORMS:
-            raise CrossdiffError(f"generator norm must be one of instance, batch or none, not {norm!r}")
-        if filters < 1 or blocks < 0 or downsamplings < 0:
-            raise CrossdiffError(f"generator needs filters >= 1, blocks >= 0, downsamplings >= 0 "
-                                 f"(got {filters}, {blocks}, {downsamplings})")
-        bias = norm != "batch"
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, filters, 7, bias=bias),
-                                   _norm(norm, filters), nn.ReLU()]
-        width = filters
-        for _ in range(downsamplings):
-            layers += [nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=bias), _norm(norm, 2 * width), nn.ReLU()]
-            width *= 2
-        layers += [ResidualBlock(width, norm, dropout, bias) for _ in range(blocks)]
-        for _ in range(downsamplings):
-            layers += [nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1, output_padding=1, bias=bias),
-                       _norm(norm, width // 2), nn.ReLU()]
-            width //= 2
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, out_channels, 7), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        check_norm(norm)
+        if filters < 1 or blocks < 0 or downsamplings < 0 or not 0 <= attention_blocks <= blocks:
+            raise CrossdiffError(f"generator needs filters >= 1, blocks >= 0, downsamplings >= 0 and 0 <= attention_blocks "
+                                 f"<= blocks (got {filters}, {blocks}, {downsamplings}, {attention_blocks})")
+        layers, width = downsampling_layers(in_channels, filters, downsamplings, norm)
+        for index in range(blocks):
+            layers.append(ResidualBlock(width, norm, dropout, norm != "batch"))
+            if index >= blocks - attention_blocks:
+                layers.append(SelfAttention2d(width))
+        self.model = nn.Sequential(*layers, *upsampling_layers(width, out_channels, downsamplings, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
