@@ -49,6 +49,11 @@ def test_demo_scores_the_sct_against_the_real_ct_and_reports_it(demo_run):
     assert metrics["mae"] < 110.0 and metrics["ssim"] > 0.7
     assert summary["spearman_uncertainty_error"]["rho"] > 0.1
     assert summary["samples"] == 8 and summary["nfe_per_draw"] >= 1
+    assert summary["precision"] == "fp32"  # what --precision auto means on the CPU
+    timings = summary["timings"]  # where the seconds went (benchmarks/speed.py reports them)
+    assert {"translation", "CT registration", "figure"} <= set(timings) and all(t >= 0 for t in timings.values())
+    assert timings["translation"] == max(timings.values())
+    assert sum(timings.values()) <= summary["seconds"] < sum(timings.values()) + 5.0
     assert summary["training_record"]["steps"] > 0 and "STS_003" in summary["training_record"]["data"]
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and f"{metrics['mae']:.4g}" in page

@@ -34,8 +34,7 @@ from crossdiff.study.cli import study_app
 
 SAMPLER_NAMES = ("ddpm", "ddim", "em", "pc", "ode")  # crossdiff.diffusion.samplers; the CLI names them for --help
 BATCH_HELP = "(slice, draw) items per network batch (default: chosen for the device; the result does not depend on it)."
-PRECISION_HELP = ("Network arithmetic: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16 or fp16 "
-                  "(GPU).")
+PRECISION_HELP = "Network arithmetic: auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16 (GPU)."
 COMPILE_HELP = "torch.compile the networks (CUDA graphs on a GPU); pays off for large volumes."
 
 if TYPE_CHECKING:
@@ -624,6 +623,7 @@ def translate(
     request = dicom_request(output_dicom, input, reference_dicom, patient or []) if output_dicom is not None else None
     acceleration = _acceleration(precision, compile)
     loaded = load_model(model, device)
+    acceleration.resolved(loaded.device)  # fp16 on a CPU fails here, before the input is read
     spec = loaded.spec.for_target(target)  # an unknown target fails here, before the input is read
     if uncertainty is not None and not loaded.method.stochastic:
         raise CrossdiffError(f"{loaded.method.name} is deterministic: it has no spread to write; leave out --uncertainty")

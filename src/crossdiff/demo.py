@@ -105,6 +105,7 @@ def run_demo(
     entry = sample_entry(sample_dir)
     model_dir = sample_dir / MODEL_FOLDER if model_dir is None else Path(model_dir)
     model = load_model(model_dir, device)
+    precision = acceleration.resolved(model.device)  # fp16 on a CPU fails here, before the work
     clock.lap("checksums and model")
     mr = read_volume(entry.images["mr"], modality="MR")
     body = body_mask(mr)
@@ -125,7 +126,7 @@ def run_demo(
     record = read_json(record_file, "training record") if record_file.is_file() else {}
     settings = {"case": SAMPLE_CASE, "model": str(model_dir), "method": model.method.name, "device": device,
                 "samples": samples, "steps": steps or model.method.config.get("steps"), "seed": seed,
-                "sampler": model.method.config.get("sampler"), "precision": acceleration.resolved(model.device)}
+                "sampler": model.method.config.get("sampler"), "precision": precision}
     with atomic_directory(out) as folder:
         write_volume(translation.mean, folder / "sct.nii.gz")
         files = ["sct.nii.gz"]
