@@ -160,8 +160,10 @@ class SeededBatches(Sampler[list[int]]):
             yield order[start : start + self.batch_size].tolist()
 
 
-def _batches(dataset: Dataset, config: TrainConfig, done: int, rank: int, world: int) -> Iterator[dict[str, Any]]:
-    """Endless batches for steps done+1, done+2, ... (each epoch gets its own loader and augmentation draws)."""
+def _batches(dataset: Dataset, config: TrainConfig, done: int, rank: int, world: int,
+             pin: bool = False) -> Iterator[dict[str, Any]]:
+    """Endless batches for steps done+1, done+2, ... (each epoch gets its own loader and augmentation draws).
+    `pin` (CUDA): batches in page-locked memory, so their copies to the GPU overlap the step."""
     per_epoch = steps_per_epoch(len(dataset), config.batch_size * world)  # type: ignore[arg-type]
     position = done
     while True:
@@ -172,7 +174,8 @@ def _batches(dataset: Dataset, config: TrainConfig, done: int, rank: int, world:
         # its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG
         # when iteration starts, which would make the global stream depend on where a run resumed
         generator = torch.Generator().manual_seed(stream_seed(config.seed, epoch))
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, generator=generator)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers, generator=generator,
+                            pin_memory=pin)
         for batch in loader:
             yield batch
             position += 1
@@ -564,7 +567,7 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
     done, history = _begin(state, run_dir, resume, described, config, world, console)
     log = _Log(run_dir, world.main, console)
     log.keep_until(done)
-    batches = _batches(train_set, config, done, world.rank, world.size)
+    batches = _batches(train_set, config, done, world.rank, world.size, pin=device.type == "cuda")
     running, losses, saved = _Running(), {}, None
     with _progress(console, world.main) as bar:
         task = bar.add_task(f"training {method.name}", total=config.steps, completed=done, info="")
