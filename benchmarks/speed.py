@@ -4,9 +4,9 @@ For every stochastic method, a 256 x 256 volume of the bundled patient's MR (its
 256 x 256) is translated with 10 Monte-Carlo draws at the method's default sampler, through
 `translate_volume` exactly as `crossdiff translate` does. Forward hooks time every network call
 (network seconds); the same calls are then replayed on their own in the same process (bare network
-seconds), so `overhead` = (total - bare) / bare is everything the loop adds: slicing, resizing, the
-sampler's arithmetic, random numbers, copies. The networks are untrained (speed does not depend on
-weights) and demo-sized: every UNet denoiser has the bundled demo model's settings
+seconds; the first REPLAYED calls, scaled to the run's number), so `overhead` = (total - bare) / bare
+is everything the loop adds: slicing, resizing, the sampler's arithmetic, random numbers, copies. The
+networks are untrained (speed does not depend on weights) and demo-sized: every UNet denoiser has the demo model's settings
 (src/crossdiff/sample/model/config.yaml), SynDiff and MUNIT their defaults (the demo's SynDiff
 candidate, benchmarks/configs/demo-syndiff.yaml, trains SynDiff's defaults). Seconds are measured on
 `--slices` slices and scaled to `--volume-slices` (time is linear in slices: the items are independent;
@@ -86,6 +86,7 @@ TRAIN_SLICES = {"size": (64, 64), "fit": "pad-crop", "min_mask_fraction": 0.05}
 SIZE = 256
 FIRST_SLICE = 18  # the bundled MR's body starts near here; slices from it on all hold body
 SWEEP_BATCHES = (1, 2, 4)
+REPLAYED = 40  # network calls replayed bare per run, scaled to the run's count
 
 
 # ------------------------------------------------------------------------------ network timing
@@ -135,16 +136,18 @@ class NetworkClock:
             self.seconds += time.perf_counter() - self._since
 
     def replay(self, device: torch.device, acceleration: Acceleration) -> float:
-        """Seconds for the recorded calls alone, same modules, shapes and order."""
+        """Seconds for the recorded calls alone, same modules, shapes and order: the first REPLAYED
+        calls timed and scaled to all of them (the calls of one run repeat a few shapes)."""
         modules = dict(_timed_modules(self.method))
+        replayed = self.calls[:REPLAYED]
         with accelerated(self.method, device, acceleration):
             _synchronize()
             start = time.perf_counter()
-            for name, key in self.calls:
+            for name, key in replayed:
                 args, kwargs = self.inputs[key]
                 modules[name](*args, **kwargs)
             _synchronize()
-            return time.perf_counter() - start
+            return (time.perf_counter() - start) * len(self.calls) / len(replayed)
 
 
 def _timed_modules(method: Method) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -285,7 +288,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(job.get("device", "cpu"))
     cache = Path(job["cache"])
     kind = job["kind"]
-    acceleration = Acceleration(precision=job.get("precision", "fp32"))
+    acceleration = Acceleration(precision=job.get("precision", "fp32"), channels_last=job.get("channels_last", True))
     if kind == "demo":
         result = demo_profile(Path(job["scratch"]) / f"demo-{acceleration.precision}", acceleration)
     else:
@@ -342,8 +345,9 @@ def main() -> None:
                      for n in (1, 2)] if "syndiff" in args.methods else []
         sweep = [run_job({**base, "kind": "translate", "method": "cddpm", "slices": args.slices, "batch": b})
                  for b in SWEEP_BATCHES] if args.sweep else []
-        precision = [run_job({**base, "kind": "translate", "method": name, "slices": args.slices, "precision": p})
-                     for name in ("cddpm", "syndiff") for p in ("fp32", "bf16")] if args.sweep else []
+        precision = [run_job({**base, "kind": "translate", "method": name, "slices": args.slices, "precision": p,
+                              "channels_last": layout}) for name in ("cddpm", "syndiff")
+                     for p, layout in (("fp32", True), ("fp32", False), ("bf16", True))] if args.sweep else []
         demo = [run_job({**base, "kind": "demo", "precision": p}) for p in ("fp32", "bf16")] if args.demo else []
         training = [run_job({**base, "kind": "train", "method": name, "steps": args.train_steps})
                     for name in args.methods] if args.train_steps else []
@@ -412,9 +416,10 @@ def _markdown(report: dict[str, Any]) -> str:
                           [[str(row["batch"]), f"{row['seconds']:.2f}", f"{100 * row['overhead']:.1f}%"]
                            for row in report["batch_sweep"]])
     if report["precision"]:
-        lines += _section("bf16 against fp32 on the CPU", ["method", "precision", "seconds", "bare network s"],
-                          [[row["method"], row["precision"], f"{row['seconds']:.2f}", f"{row['bare_network_seconds']:.2f}"]
-                           for row in report["precision"]])
+        lines += _section("Precision and memory format on the CPU (measured slices only)",
+                          ["method", "precision", "memory format", "seconds", "bare network s"],
+                          [[row["method"], row["precision"], "channels_last" if row["channels_last"] else "contiguous",
+                            f"{row['seconds']:.2f}", f"{row['bare_network_seconds']:.2f}"] for row in report["precision"]])
     if report["demo"]:
         demos = report["demo"]
         lines += _section(f"`crossdiff demo` end to end ({demos[0]['samples']} draws, {demos[0]['nfe_per_draw']} steps)",
