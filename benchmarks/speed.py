@@ -331,6 +331,9 @@ def main() -> None:
     if args.job:
         print(json.dumps(measure(json.loads(args.job))))
         return
+    if args.rewrite:  # the markdown again from the measurements, e.g. after the report's wording changed
+        write_text(args.out / "speed.md", _markdown(json.loads((args.out / "speed.json").read_text())))
+        return
     with tempfile.TemporaryDirectory() as scratch:
         cache = Path(scratch) / "cache"
         cache.mkdir()
@@ -372,6 +375,13 @@ def _scaled(row: dict[str, Any], slices: int) -> float:
     return row["seconds"] * slices / row["slices"]
 
 
+NOISE = ("Read differences of a few percent as noise: other processes shared the cores, and the same cddpm job "
+         "(fp32, channels_last, batch 1) ran three times here in 35.7-40.7 s. A negative overhead is such noise "
+         "(the bare replay ran slower than the loop). cddpm-distill is an untrained student, which samples with its "
+         "first round's 16 steps; a finished one samples with its last round's (4 by default), a quarter of the "
+         "seconds.")
+
+
 def _section(title: str, columns: list[str], rows: list[list[str]], intro: str = "") -> list[str]:
     """A markdown section: heading, optional paragraph, table."""
     return ["", f"## {title}", "", *([intro, ""] if intro else []), "| " + " | ".join(columns) + " |",
@@ -382,9 +392,13 @@ def _markdown(report: dict[str, Any]) -> str:
     n = report["volume_slices"]
     machine = report["machine"]
     rows = report["translation"]
+    command = report["command"].split(" --note ")[0] + (" --note ..." if report["note"] else "")
     lines = ["# Speed", "",
-             f"Measured {report['date']} by `{report['command']}` on {machine['cpu']}, {machine['threads']} threads "
-             f"(torch {machine['torch']}; GPU: {machine['gpu'] or 'none'}). {report['note']}".rstrip()]
+             f"Measured {report['date']} by `{command}` on {machine['cpu']} ({machine['cores']} cores), "
+             f"{machine['threads']} thread(s) (torch {machine['torch']}; GPU: {machine['gpu'] or 'none'}). "
+             f"{report['note']}".rstrip()]
+    if len(rows) > 1 or report["batch_sweep"]:
+        lines += ["", NOISE]
     if rows:
         lines += _section(
             f"Translation: 256 x 256 x {n}, {rows[0]['draws']} draws, default sampler, fp32",
@@ -448,6 +462,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--no-sweep", dest="sweep", action="store_false")
     parser.add_argument("--note", default="", help="what else ran on the machine")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--rewrite", action="store_true", help="rewrite OUT/speed.md from OUT/speed.json, measure nothing")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     return parser.parse_args()
 

@@ -18,8 +18,9 @@ from crossdiff.errors import CrossdiffError
 from crossdiff.methods.base import Method
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-# On CPU a batch of 16 slices of 64 x 64 (or one of 256 x 256) was fastest per item: bigger batches stop
-# fitting the caches and get slower (benchmarks/results/speed.md, "batch size on the CPU").
+# CPU: as many items as make one 256 x 256 slice. At 256 x 256, batches of 1, 2 and 4 items took the same
+# time to within noise (benchmarks/results/speed.md, "Batch size on the CPU"): a bigger batch buys nothing
+# there and costs memory; the demo's 64 x 64 items go 16 at a time, as the demo model's `batch` did before.
 CPU_BATCH_PIXELS = 16 * 64 * 64
 PROBE_ITEMS = 4  # CUDA: items in the first batch, whose peak memory gives the per-item footprint
 MEMORY_SHARE = 0.7  # of the memory still available after the probe, what the chosen batch may take
