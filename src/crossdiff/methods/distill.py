@@ -62,6 +62,7 @@ class _Round(nn.Module):
 class DistilledDiffusion(SingleLossMethod):
     name: ClassVar[str] = "cddpm-distill"
     stochastic: ClassVar[bool] = True
+    builds_on_a_run: ClassVar[bool] = True
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
         super().__init__(checked_settings(self.name, DISTILL_DEFAULTS, config), data)
