@@ -82,7 +82,7 @@ class DistilledDiffusion(SingleLossMethod):
         self.net = build_denoiser(teacher, data)
         self.teacher = build_denoiser(teacher, data).requires_grad_(False).eval()
         self.round = _Round()
-        if trained is not None:
+        if trained is not None and not next(self.net.parameters()).is_meta:  # meta: the config check's build
             self.net.load_state_dict(trained.net.state_dict())
             self.teacher.load_state_dict(trained.net.state_dict())
         self.optimizer = adamw(self.net.parameters(), self.config)
