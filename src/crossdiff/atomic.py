@@ -71,11 +71,12 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | Path) -> Iterator[Path]:
+def atomic_directory(destination: str | Path, private: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `destination` whole, else it is removed.
 
     The folder and its files get ordinary permissions (mkdtemp's folder and safetensors' files are
-    private), and everything is flushed to the disk before the folder is published."""
+    private), except the files named in `private` (paths inside the folder: secrets), which only their
+    owner may read; everything is flushed to the disk before the folder is published."""
     destination = Path(destination)
     old = destination.with_name(f".{destination.name}.old")
     try:
@@ -88,7 +89,7 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
         raise _unwritable(destination, error) from None
     try:
         yield tmp
-        _publishable(tmp)
+        _publishable(tmp, {tmp / name for name in private})
         if destination.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(destination, old)
@@ -103,15 +104,15 @@ def atomic_directory(destination: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _publishable(folder: Path) -> None:
-    """Ordinary permissions for everything under `folder` (folders searchable where readable), and every
-    byte of it on the disk."""
+def _publishable(folder: Path, private: set[Path]) -> None:
+    """Ordinary permissions for everything under `folder` (folders searchable where readable) but the
+    `private` files (owner only), and every byte of it on the disk."""
     file_mode = _file_mode()
     folder_mode = file_mode | (file_mode & 0o444) >> 2
     for root, _, files in os.walk(folder):
         for name in files:
             path = Path(root) / name
-            path.chmod(file_mode)
+            path.chmod(0o600 if path in private else file_mode)
             _fsync(path)
         Path(root).chmod(folder_mode)
         _fsync(Path(root))

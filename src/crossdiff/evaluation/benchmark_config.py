@@ -275,16 +275,18 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
 def _check_training(config: BenchmarkConfig, entry: MethodEntry) -> None:
     """The sections one method is trained with (the shared ones, its own merged over them) checked as
     `crossdiff train` will check them, and its method section (each stage's) typed and built on the meta
-    device (a new cldm diffusion stage only typed: it is built from its trained autoencoder)."""
+    device (a new cldm diffusion stage, and a method built on another run of the benchmark, only typed:
+    they are built from what that run trains)."""
     sections = config.train_sections(entry)
     slices = SliceConfig.from_dict(sections["slices"])
     TrainConfig.from_dict(sections["training"])
     modalities = [config.source, *config.targets]
     PreparationConfig.from_dict({"modalities": modalities, "reference": modalities[1], **sections["preparation"]})
     data = DataSpec(slices.channels, 1, slices.size)
-    for stage in get_method(entry.method).training_stages or (None,):
+    method = get_method(entry.method)
+    for stage in method.training_stages or (None,):
         settings = entry.stage_config(stage) | ({"stage": stage} if stage else {})
-        check_method_settings(entry.method, settings, data, build=stage != "diffusion")
+        check_method_settings(entry.method, settings, data, build=stage != "diffusion" and not method.builds_on_a_run)
 
 
 def _train_sections(path: Path, value: Any) -> dict[str, dict[str, Any]]:

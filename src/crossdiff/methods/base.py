@@ -91,6 +91,9 @@ class Method(ABC):
     # False for methods that must see whole slices in training (the mean-target reference): `crossdiff
     # train` then ignores the slices' `crop` (patch training) for them
     patch_training: ClassVar[bool] = True
+    # True for methods built from another trained run (cddpm-distill's teacher): a benchmark, which trains
+    # that run first, can only type-check their settings before it starts, not build them
+    builds_on_a_run: ClassVar[bool] = False
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
         self.config = dict(config)

@@ -62,6 +62,7 @@ class _Round(nn.Module):
 class DistilledDiffusion(SingleLossMethod):
     name: ClassVar[str] = "cddpm-distill"
     stochastic: ClassVar[bool] = True
+    builds_on_a_run: ClassVar[bool] = True
 
     def __init__(self, config: dict[str, Any], data: DataSpec) -> None:
         super().__init__(checked_settings(self.name, DISTILL_DEFAULTS, config), data)
@@ -81,7 +82,7 @@ class DistilledDiffusion(SingleLossMethod):
         self.net = build_denoiser(teacher, data)
         self.teacher = build_denoiser(teacher, data).requires_grad_(False).eval()
         self.round = _Round()
-        if trained is not None:
+        if trained is not None and not next(self.net.parameters()).is_meta:  # meta: the config check's build
             self.net.load_state_dict(trained.net.state_dict())
             self.teacher.load_state_dict(trained.net.state_dict())
         self.optimizer = adamw(self.net.parameters(), self.config)

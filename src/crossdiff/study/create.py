@@ -7,7 +7,6 @@ only `key.json` says which is which. Inputs are a benchmark results folder or fo
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,7 +129,7 @@ def create_study(inputs: StudyInputs, out: Path, settings: StudySettings = Study
     windows = display_windows(ct)
     study = Study(out, settings.title, settings.seed, "CT" if ct else "MR", tuple(settings.questions), windows,
                   tuple(ids[i] for i in order))
-    with atomic_directory(out) as folder:
+    with atomic_directory(out, private=(TOKEN_FILE,)) as folder:
         for item, (case, z, source) in zip(ids, entries):
             volume = case.images[source]
             aspect = volume.geometry.spacing[1] / volume.geometry.spacing[0]
@@ -139,7 +138,6 @@ def create_study(inputs: StudyInputs, out: Path, settings: StudySettings = Study
         write_json(folder / STUDY_FILE, study.description())
         write_json(folder / KEY_FILE, _key(inputs, cases, ids, entries))
         write_text(folder / TOKEN_FILE, secrets.token_urlsafe(24) + "\n")
-        os.chmod(folder / TOKEN_FILE, 0o600)
     return study
 
 
