@@ -636,3 +636,16 @@ def test_benchmark_config_merges_quick_overrides_and_names_itself_in_errors(tmp_
         with pytest.raises(InputError, match=problem) as raised:
             load_benchmark_config(config)
         assert raised.value.path == config
+
+
+def test_a_training_child_is_charged_its_own_peak_memory_not_its_parents():
+    """Linux carries a process's peak RSS across fork and exec, so wait4's ru_maxrss would charge a small
+    child with its (large) parent's size: the benchmark's training-memory column must not."""
+    from crossdiff.train_command import _peak_rss_until_exit
+
+    ballast = np.ones(400 * 2**20 // 8)  # the parent touches 400 MB
+    script = "import time; block = bytearray(80 * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(1)"
+    with subprocess.Popen([sys.executable, "-c", script]) as child:
+        peak = _peak_rss_until_exit(child)
+    assert child.returncode == 0 and ballast.sum() > 0
+    assert 80 * 2**20 < peak < 300 * 2**20
