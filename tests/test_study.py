@@ -190,11 +190,18 @@ class Reader:
         self.driver.get(url)
         self.driver.find_element(By.ID, "reader-name").send_keys(self.name)
         self.driver.find_element(By.ID, "start").click()
+        self.wait_for_image()
+
+    def wait_for_image(self) -> None:
+        """Until the item page has loaded (a click only starts the navigation; under load it takes a while)."""
+        WebDriverWait(self.driver, 15).until(
+            expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".viewer img")))
 
     def text(self, element_id: str) -> str:
         return self.driver.find_element(By.ID, element_id).text
 
     def item(self) -> str:
+        self.wait_for_image()
         source = self.driver.find_element(By.CSS_SELECTOR, ".viewer img").get_attribute("src")
         return re.search(r"/image/([0-9a-f]+)/soft-tissue\.png$", source).group(1)
 
@@ -259,6 +266,8 @@ def test_two_readers_score_in_a_browser_through_a_killed_server(study, tmp_path)
         for _ in range(3):
             second.score()
         second.driver.find_element(By.ID, "previous").click()  # back to an answered image: no score is shown
+        WebDriverWait(second.driver, 15).until(
+            expected_conditions.text_to_be_present_in_element((By.ID, "progress"), "3 of 12"))
         assert second.text("progress") == "3 of 12" and second.driver.find_element(By.ID, "already").is_displayed()
         assert not any(radio.is_selected() for radio in second.driver.find_elements(By.CSS_SELECTOR, "input[type=radio]"))
 
