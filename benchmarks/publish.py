@@ -15,6 +15,7 @@ from pathlib import Path
 
 REPORT_FILES = ("report.md", "report.html", "results.csv", "summary.csv", "tests.csv", "cost.csv", "speed.csv",
                 "code-version.json")
+OPTIONAL_FILES = ("tuning.csv",)  # only a run with tuned methods has it
 
 
 def main() -> None:
@@ -31,8 +32,9 @@ def main() -> None:
     for folder in reports:
         dest = args.dest / folder.relative_to(args.run)
         (dest / "figures").mkdir(parents=True, exist_ok=True)
-        for name in REPORT_FILES:
-            shutil.copy2(folder / name, dest / name)
+        for name in REPORT_FILES + OPTIONAL_FILES:
+            if name in REPORT_FILES or (folder / name).is_file():
+                shutil.copy2(folder / name, dest / name)
         for figure in sorted((folder / "figures").glob("*.png")):
             shutil.copy2(figure, dest / "figures" / figure.name)
         print(f"copied {folder} -> {dest}")

@@ -15,6 +15,7 @@ from heldout import sarcoma_split
 from helpers import SARCOMA, crossdiff, needs_shared
 
 from crossdiff.data.slices import PairedSliceDataset, SliceConfig
+from crossdiff.errors import InputError
 from crossdiff.evaluation.benchmark import _k_folds
 from crossdiff.evaluation.benchmark_config import load_benchmark_config
 from crossdiff.evaluation.statistics import paired_wilcoxon, rank_biserial
@@ -147,3 +148,51 @@ evaluation: {{slices: 8}}
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing the scored translations of unet in fold1" in " ".join(again.stderr.split())
     assert (out / "results.csv").read_text() == results
+
+
+def test_tuning_chooses_each_folds_candidate_on_its_training_cases_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"""
+data: {SARCOMA}
+layout: modality-folders
+source: mr
+target: ct
+test: [STS_003]
+methods:
+  - {{method: unet, config: {{channels: [8, 16], strides: [2], num_res_units: 1}},
+     tune: [{{lr: 1.0e-9}}, {{lr: 3.0e-3}}, {{lr: 2.0e-9}}]}}
+tuning: {{slices: 8, metric: mae}}
+train:
+  slices: {{size: [32, 32], fit: resize}}
+  training: {{steps: 40, batch_size: 4, checkpoint_every: 50, log_every: 10, device: cpu}}
+evaluation: {{slices: 8}}
+""")
+    out = tmp_path / "out"
+    first = crossdiff("benchmark", "--config", config, "--out", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = json.loads((out / "tuning" / "STS_003" / "unet.json").read_text())
+    assert record["cases"] == ["STS_001", "STS_002"]  # the training cases; the held-out one chooses nothing
+    scores = [candidate["score"] for candidate in record["candidates"]]
+    assert record["chosen"] == 1 and scores[1] < min(scores[0], scores[2])  # the rate that learns, whatever its place
+    trained = (out / "runs" / "STS_003" / "unet" / "benchmark-config.yaml").read_text()
+    assert "lr: 0.003" in trained  # the fold's model is the chosen candidate's run
+    assert "## Hyper-parameter choice" in (out / "report.md").read_text()
+    assert (out / "tuning.csv").read_text().count("True") == 1
+    again = crossdiff("benchmark", "--config", config, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "reusing the tuning choice" in " ".join(again.stderr.split())
+
+
+@pytest.mark.parametrize("tune, problem", [
+    ("[{lr: 1.0e-3}]", "at least two distinct"),
+    ("[{lr: 1.0e-3}, {lr: 1.0e-3}]", "at least two distinct"),
+    ("[{lr: 1.0e-3}, {no_such_setting: 1}]", "no_such_setting"),
+])
+def test_a_bad_tune_list_is_refused_naming_the_config(tmp_path, tune, problem):
+    config = tmp_path / "bench.yaml"
+    config.write_text(f"data: {SARCOMA}\nsource: mr\ntarget: ct\ntest: [STS_003]\n"
+                      f"methods:\n  - {{method: unet, tune: {tune}}}\n")
+    with pytest.raises(InputError, match=problem) as error:
+        load_benchmark_config(config)
+    assert str(config) in str(error.value)

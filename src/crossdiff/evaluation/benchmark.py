@@ -44,6 +44,7 @@ from crossdiff.evaluation.evaluate import plain_json
 from crossdiff.evaluation.metrics import HU_SCALE, CaseMetrics, Scale, case_metrics, scale_for
 from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
 from crossdiff.evaluation.robustness import noise_robustness
+from crossdiff.evaluation.tuning import TuningChoice, choose
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
 from crossdiff.inference import LoadedModel, load_model, translate_volume
 from crossdiff.intensity import IntensityScaling
@@ -96,6 +97,7 @@ class BenchmarkResult:
     methods: dict[str, MethodInfo]
     scale: Scale = HU_SCALE
     planar: bool = False
+    tuning: list[TuningChoice] = field(default_factory=list)  # each tuned entry's choice per fold
 
     @property
     def hounsfield(self) -> bool:
@@ -127,7 +129,7 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             raise CrossdiffError(f"no fold {', '.join(unknown)}; the folds are {', '.join(folds)}")
         folds = {name: cases for name, cases in folds.items() if name in only}
     device = resolve_device(config.train["training"].get("device"))
-    runs, methods = [], {}
+    runs, methods, tuning = [], {}, []
     scale, planar = HU_SCALE, False
     for fold, held_out in folds.items():
         fold_manifest = _fold_manifest(manifest, held_out, out / "folds" / fold / "manifest.json")
@@ -135,6 +137,9 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             every_target = get_method(entry.method).multi_target
             home = (shared or out) if every_target else out
             run_dir = home / "runs" / fold / entry.name
+            if entry.tune:
+                entry, choice = _tuned(config, entry, fold, held_out, manifest, fold_manifest, run_dir, out, device, log)
+                tuning.append(choice)
             train_seconds = _train(config, entry, fold_manifest, run_dir, log, every_target, (shared or out) / "cache")
             saved = _saved_runs(config, entry, fold, held_out, run_dir, out)
             model = None if saved is not None else load_model(run_dir, device)
@@ -160,7 +165,7 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
                 if index == 0 and entry.timing:
                     run = replace(run, timing=_timing(config, entry, case, model, out, log))
                 runs.append(run)
-    return BenchmarkResult(config, out, folds, runs, methods, scale, planar)
+    return BenchmarkResult(config, out, folds, runs, methods, scale, planar, tuning)
 
 
 MODEL_SUMMARY = "benchmark-model.json"
@@ -348,6 +353,37 @@ def _calibrate(config: BenchmarkConfig, entry: MethodEntry, manifest: Path, run_
             "calibration_steps": steps, "command": run.command}
 
 
+def _tuned(
+    config: BenchmarkConfig, entry: MethodEntry, fold: str, held_out: list[str], manifest: Manifest, fold_manifest: Path,
+    run_dir: Path, out: Path, device: Any, log: Callable[[str], None],
+) -> tuple[MethodEntry, TuningChoice]:
+    """The entry with the candidate of its `tune` list that scores best on this fold's training cases (each
+    candidate trained as the entry would be, in OUT/tuning/FOLD/NAME/K), its run copied to run_dir."""
+    settings = config.tuning
+    training_cases = [case for case in manifest.cases_with(config.source, config.target) if case not in held_out]
+
+    def train(candidate: MethodEntry, candidate_dir: Path) -> None:
+        _train(config, candidate, fold_manifest, candidate_dir, log, cache=out / "cache")
+
+    def validate(candidate_dir: Path) -> dict[str, float]:
+        model = load_model(candidate_dir, device)
+        scoring = Scoring(config.evaluation["metrics"],
+                          scale_for(family_of(config.target), model.spec.for_target(config.target).target_scaling.units),
+                          model.spec.planar)
+        samples = settings["samples"] if model.method.stochastic else 1
+        scores = {}
+        for case_id in training_cases:
+            case = _prepared_case(config, manifest, case_id, model, out / "cache", settings["slices"])
+            result = translate_volume(model, case.source, samples=samples, mask=case.mask_volume,
+                                      seed=config.evaluation["seed"], target=config.target)
+            prediction = _scored_scale(config, model, case)(result.mean).array
+            scores[case_id] = scoring.values(case.reference.array, prediction, case.mask)[settings["metric"]]
+        return scores
+
+    return choose(entry, fold, settings["metric"], out / "tuning" / fold / entry.name,
+                  out / "tuning" / fold / f"{entry.name}.json", run_dir, train, validate, log)
+
+
 def _merge_sections(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = {key: dict(value) for key, value in base.items()}
     for key, value in overrides.items():
@@ -372,15 +408,21 @@ class HeldOutCase:
         return self.reference.with_array(self.mask.astype(np.uint8), modality="mask")
 
 
-def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, model: LoadedModel, out: Path) -> HeldOutCase:
+def _prepared_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, model: LoadedModel, cache: Path,
+                   slices: int | None) -> HeldOutCase:
     """The case prepared as the model's training data was (registration included), on the reference grid,
-    cut to the central slab when `evaluation.slices` asks; saved under OUT/cases for `crossdiff evaluate`."""
+    cut to its central `slices` slices (None: all)."""
     preparation = replace(model.spec.preparation, modalities=[config.source, config.target], reference=config.target)
-    prepared = prepare_case(case_id, manifest.cases[case_id], preparation, out / "cache")
-    start, stop = _slab_range(prepared.mask, config.evaluation["slices"])
+    prepared = prepare_case(case_id, manifest.cases[case_id], preparation, cache)
+    start, stop = _slab_range(prepared.mask, slices)
     source, reference = (_slab(prepared.physical(key), start, stop) for key in (config.source, config.target))
-    case = HeldOutCase(case_id, source, reference, prepared.mask[start:stop], prepared.scalings[config.target])
-    for kind, volume in (("source", source), ("reference", reference), ("mask", case.mask_volume)):
+    return HeldOutCase(case_id, source, reference, prepared.mask[start:stop], prepared.scalings[config.target])
+
+
+def _held_out_case(config: BenchmarkConfig, manifest: Manifest, case_id: str, model: LoadedModel, out: Path) -> HeldOutCase:
+    """The held-out case cut as `evaluation.slices` asks; saved under OUT/cases for `crossdiff evaluate`."""
+    case = _prepared_case(config, manifest, case_id, model, out / "cache", config.evaluation["slices"])
+    for kind, volume in (("source", case.source), ("reference", case.reference), ("mask", case.mask_volume)):
         target = out / "cases" / kind / f"{case_id}.nii.gz"
         if not target.is_file():
             write_volume(volume, target)

@@ -17,6 +17,10 @@ methods:
   - {method: cldm, stages: {diffusion: {sampler: ddim, steps: 20}}}   # one model for every target; each
                                       # stage trained with `config` plus its own `stages` section
   - {method: pix2pix, train: {training: {batch_size: 4}}}   # per-method overrides of the shared sections
+  - {method: cyclegan, tune: [{lr: 1.0e-3}, {lr: 2.0e-3}]}  # candidates, one chosen per fold on its training
+                                      # cases (crossdiff.evaluation.tuning); the held-out cases choose nothing
+tuning: {slices: 16, samples: 1, metric: mae}   # how candidates are scored: central slices of each training
+                                      # case, draws per stochastic translation, the metric (mae, psnr or ssim)
 train:                                # `crossdiff train --config` sections shared by every method
   slices: {size: [64, 64], fit: resize}
   preparation: {registration: rigid}
@@ -56,8 +60,11 @@ from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec
 from crossdiff.training import TrainConfig
 
-TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick", "groups", "budget")
+TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick", "groups", "budget",
+             "tuning")
 BUDGET_DEFAULTS: dict[str, Any] = {"train_seconds": None, "calibration_steps": 20}
+TUNING_DEFAULTS: dict[str, Any] = {"slices": 16, "samples": 1, "metric": "mae"}
+TUNING_METRICS = ("mae", "psnr", "ssim")
 TRAIN_SECTIONS = ("slices", "preparation", "training")
 
 
@@ -92,6 +99,7 @@ class MethodEntry:
     timing: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tune: list[dict[str, Any]] = field(default_factory=list)  # candidate overrides of `config`, chosen per fold
 
     def stage_config(self, stage: str | None) -> dict[str, Any]:
         """The method section one training stage (None: an unstaged method) is given."""
@@ -112,6 +120,7 @@ class BenchmarkConfig:
     targets: tuple[str, ...] = ()
     groups: dict[str, list[str]] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=lambda: dict(BUDGET_DEFAULTS))
+    tuning: dict[str, Any] = field(default_factory=lambda: dict(TUNING_DEFAULTS))
 
     def train_sections(self, entry: MethodEntry) -> dict[str, dict[str, Any]]:
         """The shared training sections with the entry's own overrides merged over them."""
@@ -159,6 +168,7 @@ def load_benchmark_config(path: Path, quick: bool = False) -> BenchmarkConfig:
             evaluation=_evaluation(path, raw.get("evaluation") or {}),
             groups=_groups(path, raw.get("groups") or {}),
             budget=_budget(path, raw.get("budget") or {}),
+            tuning=_tuning(path, raw.get("tuning") or {}),
         )
         for entry in config.methods:
             _check_training(config, entry)
@@ -232,6 +242,34 @@ def _budget(path: Path, value: Any) -> dict[str, Any]:
     return settings
 
 
+def _tuning(path: Path, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - set(TUNING_DEFAULTS):
+        raise InputError(path, f"'tuning' may hold only {', '.join(TUNING_DEFAULTS)}")
+    settings = {**TUNING_DEFAULTS, **value}
+    for key in ("slices", "samples"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:
+            raise InputError(path, f"tuning {key} must be a whole number >= 1, not {settings[key]!r}")
+    if settings["slices"] < 7:
+        raise InputError(path, "tuning slices must be at least 7 (the SSIM window)")
+    if settings["metric"] not in TUNING_METRICS:
+        raise InputError(path, f"tuning metric must be one of {', '.join(TUNING_METRICS)}, not {settings['metric']!r}")
+    return settings
+
+
+def _tune(path: Path, name: str, value: Any, multi_target: bool) -> list[dict[str, Any]]:
+    """Candidate overrides of a method section: none, or at least two distinct non-empty mappings."""
+    if value is None:
+        return []
+    if (not isinstance(value, list) or len(value) < 2 or not all(isinstance(c, dict) and c for c in value)
+            or len({repr(sorted(c.items())) for c in value}) != len(value)):
+        raise InputError(path, f"'tune' of {name} must list at least two distinct candidate overrides of its "
+                               "method section, e.g. [{lr: 1.0e-3}, {lr: 2.0e-3}]")
+    if multi_target:
+        raise InputError(path, f"'tune' of {name}: a method trained once for every target cannot be tuned per "
+                               "target's score")
+    return [dict(candidate) for candidate in value]
+
+
 def _methods(path: Path, value: Any) -> list[MethodEntry]:
     if not isinstance(value, list) or not value:
         raise InputError(path, "'methods' must be a non-empty list of {method: NAME, name: ..., config: {...}}")
@@ -239,16 +277,17 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
     for item in value:
         item = {"method": item} if isinstance(item, str) else item
         if not isinstance(item, dict) or "method" not in item or set(item) - {"method", "name", "config", "timing", "stages",
-                                                                              "train"}:
+                                                                              "train", "tune"}:
             raise InputError(path, f"method entry {item!r} must have 'method' and optionally 'name', 'config', 'timing', "
-                                   "'stages' and 'train'")
+                                   "'stages', 'train' and 'tune'")
         stages = item.get("stages") or {}
         if not isinstance(stages, dict) or not all(isinstance(section, dict) for section in stages.values()):
             raise InputError(path, f"'stages' of {item['method']} must map stage names to method sections")
         try:
-            known = get_method(str(item["method"])).training_stages
+            registered = get_method(str(item["method"]))
         except CrossdiffError as error:
             raise InputError(path, str(error)) from None
+        known = registered.training_stages
         if set(stages) - set(known):
             raise InputError(path, f"{item['method']} has no training stage {', '.join(sorted(set(stages) - set(known)))}; "
                                    f"its stages: {', '.join(known) or 'none (it trains in one go)'}")
@@ -264,7 +303,8 @@ def _methods(path: Path, value: Any) -> list[MethodEntry]:
             raise InputError(path, f"'config' of {name} must be a mapping of method settings")
         entries.append(MethodEntry(str(item["method"]), name, dict(config), [dict(options) for options in timing],
                                    {str(stage): dict(section) for stage, section in stages.items()},
-                                   _train_sections(path, item.get("train") or {})))
+                                   _train_sections(path, item.get("train") or {}),
+                                   _tune(path, name, item.get("tune"), registered.multi_target)))
     names = [entry.name for entry in entries]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -284,9 +324,10 @@ def _check_training(config: BenchmarkConfig, entry: MethodEntry) -> None:
     PreparationConfig.from_dict({"modalities": modalities, "reference": modalities[1], **sections["preparation"]})
     data = DataSpec(slices.channels, 1, slices.size)
     method = get_method(entry.method)
-    for stage in method.training_stages or (None,):
-        settings = entry.stage_config(stage) | ({"stage": stage} if stage else {})
-        check_method_settings(entry.method, settings, data, build=stage != "diffusion" and not method.builds_on_a_run)
+    for candidate in entry.tune or [{}]:
+        for stage in method.training_stages or (None,):
+            settings = entry.stage_config(stage) | candidate | ({"stage": stage} if stage else {})
+            check_method_settings(entry.method, settings, data, build=stage != "diffusion" and not method.builds_on_a_run)
 
 
 def _train_sections(path: Path, value: Any) -> dict[str, dict[str, Any]]:

@@ -41,6 +41,8 @@ def write_benchmark_report(result: BenchmarkResult) -> list[Path]:
         "cost.csv": _cost_rows(result),
         "speed.csv": _speed_rows(result),
     }
+    if result.tuning:
+        tables["tuning.csv"] = [row for choice in result.tuning for row in choice.rows]
     for file, rows in tables.items():
         write_text(out / file, csv_text(rows))
     write_json(out / "code-version.json", code_version())
@@ -313,6 +315,15 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
                                 "absolute error inside the mask and their ratio (1: the spread is as large as the error).",
                                 [Table.from_records(_uncertainty_summary(variability)), Table.from_records(variability)],
                                 [drawn["calibration"]] if "calibration" in drawn else []))
+    if "tuning.csv" in tables:
+        tuning = result.config.tuning
+        sections.append(Section(
+            "Hyper-parameter choice",
+            "Each tuned method's candidates, every one trained per fold with the method's budget on the fold's "
+            f"training cases and scored on those same cases ({tuning['metric']} of the central {tuning['slices']} "
+            f"slices, {tuning['samples']} draw(s) per stochastic translation); the best became the fold's model. "
+            "The held-out cases chose nothing.",
+            [Table.from_records(tables["tuning.csv"])]))
     fid_rows = [{"method": n, "fid": f.value, "note": f.note} for n, f in fid_results.items()]
     sections.append(Section("FID", "", [Table.from_records(fid_rows)]))
     return sections
