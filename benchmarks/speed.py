@@ -4,7 +4,7 @@ For every stochastic method, a 256 x 256 volume of the bundled patient's MR (its
 256 x 256) is translated with 10 Monte-Carlo draws at the method's default sampler, through
 `translate_volume` exactly as `crossdiff translate` does. Forward hooks time every network call
 (network seconds); the same calls are then replayed on their own in the same process (bare network
-seconds; the first REPLAYED calls, scaled to the run's number), so `overhead` = (total - bare) / bare
+seconds; of each distinct call, its first REPLAYED calls, scaled to its count), so `overhead` = (total - bare) / bare
 is everything the loop adds: slicing, resizing, the sampler's arithmetic, random numbers, copies. The
 networks are untrained (speed does not depend on weights) and demo-sized: every UNet denoiser has the demo model's settings
 (src/crossdiff/sample/model/config.yaml), SynDiff and MUNIT their defaults (the demo's SynDiff
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,7 +87,7 @@ TRAIN_SLICES = {"size": (64, 64), "fit": "pad-crop", "min_mask_fraction": 0.05}
 SIZE = 256
 FIRST_SLICE = 18  # the bundled MR's body starts near here; slices from it on all hold body
 SWEEP_BATCHES = (1, 2, 4)
-REPLAYED = 40  # network calls replayed bare per run, scaled to the run's count
+REPLAYED = 40  # calls of each distinct kind replayed bare per run, scaled to that kind's count
 
 
 # ------------------------------------------------------------------------------ network timing
@@ -136,18 +137,24 @@ class NetworkClock:
             self.seconds += time.perf_counter() - self._since
 
     def replay(self, device: torch.device, acceleration: Acceleration) -> float:
-        """Seconds for the recorded calls alone, same modules, shapes and order: the first REPLAYED
-        calls timed and scaled to all of them (the calls of one run repeat a few shapes)."""
+        """Seconds for the recorded calls alone, same modules and shapes: per distinct call (module and
+        shapes), its first REPLAYED calls timed one by one and their mean scaled to that call's count. Per
+        call, because one run mixes calls of very different cost (cldm: one full-size decoder call beside
+        50 latent denoiser calls), which a mean over the first calls of the run would misweigh."""
         modules = dict(_timed_modules(self.method))
-        replayed = self.calls[:REPLAYED]
+        counts = Counter(key for _, key in self.calls)
+        seconds: dict[tuple, list[float]] = {key: [] for key in counts}
         with accelerated(self.method, device, acceleration):
-            _synchronize()
-            start = time.perf_counter()
-            for name, key in replayed:
+            for name, key in self.calls:
+                if len(seconds[key]) == REPLAYED:
+                    continue
                 args, kwargs = self.inputs[key]
+                _synchronize()
+                start = time.perf_counter()
                 modules[name](*args, **kwargs)
-            _synchronize()
-            return (time.perf_counter() - start) * len(self.calls) / len(replayed)
+                _synchronize()
+                seconds[key].append(time.perf_counter() - start)
+        return sum(counts[key] * sum(times) / len(times) for key, times in seconds.items())
 
 
 def _timed_modules(method: Method) -> Iterator[tuple[str, torch.nn.Module]]:
@@ -212,7 +219,7 @@ def time_translation(model: LoadedModel, volume: Volume, draws: int, acceleratio
     return {"seconds": total, "network_seconds": clock.seconds, "bare_network_seconds": bare,
             "overhead": (total - bare) / bare, "network_calls": len(clock.calls), "nfe_per_draw": result.nfe,
             "slices": volume.shape[0], "draws": draws,
-            "batch": batch_size or BatchSizer(None, model.device, SIZE * SIZE).batch}
+            "batch": batch_size or BatchSizer(None, model.device, model.method.sampling_pixels((SIZE, SIZE))).batch}
 
 
 def monai_sampling(model: LoadedModel, volume: Volume, draws: int, batch: int) -> dict[str, Any]:

@@ -154,3 +154,18 @@ def test_translate_refuses_a_precision_the_device_lacks_before_reading_the_input
                        "--precision", "fp16", "--device", "cpu")
     assert_clear_failure(result, "precision fp16 needs a GPU")
     assert not out.exists()
+
+
+def test_a_latent_method_batches_by_its_latent_grid(case, mr, two_slices, monkeypatch):
+    """cldm's steps run on the latent grid (1/f of the slice per side): its CPU batches hold f^2 times the
+    items an image-space method's do, or its 50 small steps would go one item at a time."""
+    model = tiny_model("cldm", case)
+    factor = model.method.factor
+    assert factor > 1 and model.method.sampling_pixels((256, 256)) == (256 // factor) ** 2
+    assert tiny_model("cddpm", case).method.sampling_pixels((256, 256)) == 256 * 256
+    monkeypatch.setattr("crossdiff.acceleration.CPU_BATCH_PIXELS", (32 // factor) ** 2 * 6)  # six latent items
+    calls = []
+    translate = model.method.translate
+    monkeypatch.setattr(model.method, "translate", lambda *a, **k: calls.append(len(a[0])) or translate(*a, **k))
+    translate_volume(model, mr, samples=3, mask=two_slices, seed=11, acceleration=FP32)
+    assert calls == [6]  # by image pixels (32 x 32 each) it would have been one item per call

@@ -467,7 +467,7 @@ def _translate_array(
     items = [(i, d) for i in indices for d in range(samples)]
     draws = np.full((samples, *array.shape), -1.0, dtype=np.float32)
     by_slice = np.moveaxis(draws, axis + 1, 1)  # a view: (samples, slice, h, w)
-    sizer = BatchSizer(batch_size, model.device, working.size[0] * working.size[1])
+    sizer = BatchSizer(batch_size, model.device, model.method.sampling_pixels(working.size))
     nfe, done = 0, 0
     with accelerated(model.method, model.device, acceleration):
         while done < len(items):

@@ -107,6 +107,11 @@ class Method(ABC):
         with torch.device("meta"):
             return dict(cls({}, DataSpec(1)).config)
 
+    def sampling_pixels(self, size: tuple[int, int]) -> int:
+        """Pixels per item of a slice of `size` where the sampling loop works: what CPU batches are sized
+        by (a method that samples in a smaller latent space says so, or its small steps go one at a time)."""
+        return size[0] * size[1]
+
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
         """Every network, by name: these are saved, EMA-averaged, moved to the device and DDP-wrapped."""

@@ -283,6 +283,10 @@ class LatentDiffusion(ConditionalLatentDiffusion):
     def modules(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.autoencoder, "net": self.net}
 
+    def sampling_pixels(self, size: tuple[int, int]) -> int:
+        """The latent grid's: the loop's 50 steps run there, the decoder once per item at full size."""
+        return (size[0] // self.factor) * (size[1] // self.factor)
+
     def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
         return {"model": (self.optimizer, ["net"])}
 
