@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "crossdiff" / "sample" / "STS_003"
 SHARED_DATA = Path(os.environ.get("CROSSDIFF_SHARED_DATA", REPO.parent / "shared" / "data"))
 SARCOMA = SHARED_DATA / "sarcoma-ct-mr-pet"
+SARCOMA_MR_CT = f"data: {SARCOMA}\nlayout: modality-folders\nsource: mr\ntarget: ct\n"  # a benchmark config's head
 BRAIN = SHARED_DATA / "brain-multicontrast-mri"
 BRAINWEB = SHARED_DATA / "brainweb-t1-pd-slices"
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from heldout import sarcoma_split
-from helpers import SARCOMA, crossdiff, needs_shared
+from helpers import SARCOMA, SARCOMA_MR_CT, crossdiff, needs_shared
 
 from crossdiff.data.slices import PairedSliceDataset, SliceConfig
 from crossdiff.errors import InputError
@@ -114,21 +114,17 @@ def test_paired_tests_carry_an_effect_size_and_a_confidence_interval():
 def test_equal_budgets_groups_and_a_report_from_records_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = tmp_path / "bench.yaml"
-    config.write_text(f"""
-data: {SARCOMA}
-layout: modality-folders
-source: mr
-target: ct
-test: {{folds: 2}}
-groups: {{lower: [STS_001, STS_002], upper: [STS_003]}}
-budget: {{train_seconds: 1.5, calibration_steps: 6}}
+    config.write_text(SARCOMA_MR_CT + """
+test: {folds: 2}
+groups: {lower: [STS_001, STS_002], upper: [STS_003]}
+budget: {train_seconds: 1.5, calibration_steps: 6}
 methods:
-  - {{method: intensity-map, train: {{training: {{steps: 20}}}}}}
-  - {{method: unet, config: {{channels: [8, 16], strides: [2], num_res_units: 1}}}}
+  - {method: intensity-map, train: {training: {steps: 20}}}
+  - {method: unet, config: {channels: [8, 16], strides: [2], num_res_units: 1}}
 train:
-  slices: {{size: [32, 32], fit: resize, crop: [16, 16]}}
-  training: {{batch_size: 4, checkpoint_every: 50, log_every: 10, device: cpu}}
-evaluation: {{slices: 8}}
+  slices: {size: [32, 32], fit: resize, crop: [16, 16]}
+  training: {batch_size: 4, checkpoint_every: 50, log_every: 10, device: cpu}
+evaluation: {slices: 8}
 """)
     out = tmp_path / "out"
     first = crossdiff("benchmark", "--config", config, "--out", out)
@@ -153,20 +149,16 @@ evaluation: {{slices: 8}}
 def test_tuning_chooses_each_folds_candidate_on_its_training_cases_only(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = tmp_path / "bench.yaml"
-    config.write_text(f"""
-data: {SARCOMA}
-layout: modality-folders
-source: mr
-target: ct
+    config.write_text(SARCOMA_MR_CT + """
 test: [STS_003]
 methods:
-  - {{method: unet, config: {{channels: [8, 16], strides: [2], num_res_units: 1}},
-     tune: [{{lr: 1.0e-9}}, {{lr: 3.0e-3}}, {{lr: 2.0e-9}}]}}
-tuning: {{slices: 8, metric: mae}}
+  - {method: unet, config: {channels: [8, 16], strides: [2], num_res_units: 1},
+     tune: [{lr: 1.0e-9}, {lr: 3.0e-3}, {lr: 2.0e-9}]}
+tuning: {slices: 8, metric: mae}
 train:
-  slices: {{size: [32, 32], fit: resize}}
-  training: {{steps: 40, batch_size: 4, checkpoint_every: 50, log_every: 10, device: cpu}}
-evaluation: {{slices: 8}}
+  slices: {size: [32, 32], fit: resize}
+  training: {steps: 40, batch_size: 4, checkpoint_every: 50, log_every: 10, device: cpu}
+evaluation: {slices: 8}
 """)
     out = tmp_path / "out"
     first = crossdiff("benchmark", "--config", config, "--out", out)

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-from helpers import SARCOMA, assert_clear_failure, crossdiff, require_shared
+from helpers import SARCOMA, SARCOMA_MR_CT, assert_clear_failure, crossdiff, require_shared
 from safetensors.torch import save_file
 from scipy import ndimage, stats
 from scipy.signal import fftconvolve
@@ -501,20 +501,16 @@ def test_benchmark_trains_scores_reports_and_reuses_finished_work(tmp_path, monk
     require_shared()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training subprocesses: tiny networks, shared cores
     config = tmp_path / "bench.yaml"
-    config.write_text(f"""
-data: {SARCOMA}
-layout: modality-folders
-source: mr
-target: ct
+    config.write_text(SARCOMA_MR_CT + """
 test: [STS_003]
 methods:
-  - {{method: unet, name: unet-a, config: {{channels: [8, 16], strides: [2], num_res_units: 1}}}}
-  - {{method: cddpm, name: cddpm-b, timing: [{{sampler: ddpm, steps: 12}}],
-     config: {{channels: [8, 8], attention_levels: [false, false], norm_num_groups: 8, sampler: ddim, steps: 3}}}}
+  - {method: unet, name: unet-a, config: {channels: [8, 16], strides: [2], num_res_units: 1}}
+  - {method: cddpm, name: cddpm-b, timing: [{sampler: ddpm, steps: 12}],
+     config: {channels: [8, 8], attention_levels: [false, false], norm_num_groups: 8, sampler: ddim, steps: 3}}
 train:
-  slices: {{size: [32, 32], fit: resize}}
-  training: {{steps: 10, val_every: 10, checkpoint_every: 10, log_every: 5, device: cpu}}
-evaluation: {{slices: 8, noise_levels: [0.09]}}
+  slices: {size: [32, 32], fit: resize}
+  training: {steps: 10, val_every: 10, checkpoint_every: 10, log_every: 5, device: cpu}
+evaluation: {slices: 8, noise_levels: [0.09]}
 """)
     out = tmp_path / "out"
     first = crossdiff("benchmark", "--config", config, "--out", out)
