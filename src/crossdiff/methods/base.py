@@ -149,12 +149,14 @@ class Method(ABC):
 
 
 class SingleLossMethod(Method):
-    """A method that learns one network `net` with one optimiser `optimizer` (named 'model') on one loss,
+    """A method that learns one network `net` with one optimiser (named 'model') on one loss,
     `loss(batch, generator)`, which is also its held-out loss (one network call, where a translation costs
-    its sampling steps): the diffusion, bridge and flow methods. Subclasses build `net` and `optimizer`."""
+    its sampling steps): the diffusion, bridge and flow methods. Subclasses build `net`; the optimiser is
+    built at first use, once subclasses' extra networks exist and the loop has placed them, and never for
+    a model that only translates."""
 
     net: nn.Module
-    optimizer: torch.optim.Optimizer
+    _optimizers: dict[str, tuple[torch.optim.Optimizer, list[str]]] | None = None
 
     @abstractmethod
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
@@ -164,7 +166,16 @@ class SingleLossMethod(Method):
         return {"net": self.net}
 
     def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
-        return {"model": (self.optimizer, ["net"])}
+        if self._optimizers is None:
+            self._optimizers = self.make_optimizers()
+        return self._optimizers
+
+    def make_optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
+        """AdamW on `net` with the config's lr, weight_decay and betas (PyTorch's betas where it has none)."""
+        betas = tuple(float(b) for b in self.config.get("betas", (0.9, 0.999)))
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=float(self.config["lr"]),
+                                      weight_decay=float(self.config["weight_decay"]), betas=betas)  # type: ignore[arg-type]
+        return {"model": (optimizer, ["net"])}
 
     def training_step(self, batch: dict[str, torch.Tensor], context: StepContext) -> dict[str, float]:
         loss = self.loss(batch, context.generator)

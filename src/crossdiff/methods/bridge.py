@@ -34,7 +34,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, SingleLossMethod, Translation
-from crossdiff.methods.unet import SAMPLED_DEFAULTS, adamw, checked_settings
+from crossdiff.methods.unet import SAMPLED_DEFAULTS, checked_settings
 from crossdiff.nets.denoiser import DENOISER_DEFAULTS, build_denoiser
 
 BRIDGE_DEFAULTS: dict[str, Any] = {
@@ -63,7 +63,6 @@ class BridgeMethod(SingleLossMethod):
         self.process = BrownianBridge(float(c["variance_scale"]), float(c["prior_std"]))
         recursive = int(c["recursions"]) > 1
         self.net = build_denoiser(c, DataSpec(data.source_channels + (1 if recursive else 0), 1, data.size))
-        self.optimizer = adamw(self.net.parameters(), self.config)
 
     def endpoint(self, source: torch.Tensor) -> torch.Tensor:
         """y: the centre slice of the source stack (its own slice; the rest is 2.5-D context)."""

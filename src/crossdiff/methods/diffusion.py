@@ -103,22 +103,10 @@ class _ConditionalDiffusion(SingleLossMethod):
         check_options(self.config["sampler"], self.config["sampler_options"])
         self.process = self.build_process()
         self.net = build_denoiser(self.config, data)
-        self._optimizers: dict[str, tuple[torch.optim.Optimizer, list[str]]] | None = None
 
     @abstractmethod
     def build_process(self) -> GaussianProcess:
         """The process this method noises with, from its config."""
-
-    def optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
-        if self._optimizers is None:
-            self._optimizers = self.make_optimizers()
-        return self._optimizers
-
-    def make_optimizers(self) -> dict[str, tuple[torch.optim.Optimizer, list[str]]]:
-        """Built at first use, so that subclasses' extra networks (cycle-ddpm, unit-ddpm) exist by then."""
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=float(self.config["lr"]),
-                                      weight_decay=float(self.config["weight_decay"]))
-        return {"model": (optimizer, ["net"])}
 
     def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """The denoising loss of the target given the source slices."""

@@ -36,7 +36,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, Method, SingleLossMethod, StepContext, Translation
-from crossdiff.methods.unet import SAMPLED_DEFAULTS, adamw, checked_settings
+from crossdiff.methods.unet import SAMPLED_DEFAULTS, checked_settings
 from crossdiff.nets.denoiser import build_denoiser
 
 DISTILL_DEFAULTS: dict[str, Any] = {
@@ -85,7 +85,6 @@ class DistilledDiffusion(SingleLossMethod):
         if trained is not None and not next(self.net.parameters()).is_meta:  # meta: the config check's build
             self.net.load_state_dict(trained.net.state_dict())
             self.teacher.load_state_dict(trained.net.state_dict())
-        self.optimizer = adamw(self.net.parameters(), self.config)
 
     @classmethod
     def default_settings(cls, settings: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from crossdiff.diffusion.uncertainty import monte_carlo
 from crossdiff.errors import CrossdiffError
 from crossdiff.methods import register_method
 from crossdiff.methods.base import DataSpec, SingleLossMethod, Translation
-from crossdiff.methods.unet import SAMPLED_DEFAULTS, adamw, checked_settings
+from crossdiff.methods.unet import SAMPLED_DEFAULTS, checked_settings
 from crossdiff.nets.denoiser import DENOISER_DEFAULTS, build_denoiser
 
 TIME_SAMPLING = ("uniform", "logit-normal")
@@ -56,7 +56,6 @@ class RectifiedFlowMethod(SingleLossMethod):
             raise CrossdiffError(f"rflow sampler must be one of {', '.join(FLOW_SAMPLERS)}, not {c['sampler']!r}")
         self.scheduler = RFlowScheduler(num_train_timesteps=int(c["timesteps"]), use_discrete_timesteps=True)
         self.net = build_denoiser(c, data)
-        self.optimizer = adamw(self.net.parameters(), self.config)
 
     def _training_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Whole timesteps in 0..T-1, uniform or logit-normal, from the loop's generator."""
