@@ -18,6 +18,7 @@ from crossdiff.data.manifest import (
     assign_splits,
     load_manifest,
     save_manifest,
+    validation_cases,
 )
 from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.readers import read_volume
@@ -262,3 +263,13 @@ def test_fixed_cases_keep_their_split_and_count_towards_the_fractions() -> None:
 def test_impossible_split_requests_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(CrossdiffError, match=message):
         assign_splits(seed=0, **kwargs)
+
+
+def test_validation_is_one_carved_training_case_from_four_on_and_the_training_cases_below():
+    cases = ["P1", "P2", "P3", "P4", "P5"]
+    kept, carved, note = validation_cases(cases, [], seed=0)
+    assert len(carved) == 1 and sorted(kept + carved) == cases and carved[0] not in kept
+    assert validation_cases(list(reversed(cases)), [], seed=0)[1] == carved  # by seed and ids, not by order
+    assert "carved" in note
+    assert validation_cases(cases[:3], [], seed=0)[:2] == (cases[:3], cases[:3])  # too few to spare one
+    assert validation_cases(cases, ["V1"], seed=0)[:2] == (cases, ["V1"])  # the manifest's own val split first

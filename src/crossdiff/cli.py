@@ -522,32 +522,16 @@ def _run_settings(out: Path, config: Path | None, resume: bool, source: str, tar
     return sections
 
 
-CARVE_FROM = 4  # training cases needed before one is carved out for validation
-
-
 def _training_split(manifest: Manifest, source: str, targets: list[str], seed: int) -> tuple[list[str], list[str], str]:
     """Cases holding the source and a target (with several targets, each is learnt from the cases that
     have it): the training cases, the validation cases, and a note saying where validation comes from."""
+    from crossdiff.data.manifest import validation_cases
+
     paired = {cid for target in targets for cid in manifest.cases_with(source, target)}
     split = {name: [cid for cid in manifest.split_cases(name) if cid in paired] for name in ("train", "val")}
     if not split["train"]:
         raise CrossdiffError(f"the manifest has no training case with both {source} and {' or '.join(targets)}")
-    return _validation_cases(split["train"], split["val"], seed)
-
-
-def _validation_cases(train: list[str], val: list[str], seed: int) -> tuple[list[str], list[str], str]:
-    """The manifest's val cases; without any, one training case carved out (seeded) when there are at least
-    CARVE_FROM, else the training cases themselves (monitoring only). Test cases are never used."""
-    if val:
-        return train, val, f"{len(val)} val case(s) of the manifest ({', '.join(val[:4])})"
-    if len(train) >= CARVE_FROM:
-        from crossdiff.data.manifest import assign_splits
-
-        carved = [cid for cid, split in assign_splits(train, val=1 / len(train), test=0.0, seed=seed).items() if split == "val"]
-        kept = [cid for cid in train if cid not in carved]
-        return kept, carved, f"no val split: {', '.join(carved)} carved out of the training cases (seed {seed})"
-    return train, train, (f"no val split and only {len(train)} training case(s): validation runs on the training cases "
-                          "(it watches for collapse, it does not measure generalisation); test cases are never used")
+    return validation_cases(split["train"], split["val"], seed)
 
 
 def _unpaired_split(manifest: Manifest, source: str, target: str, seed: int) -> tuple[list[str], list[str], list[str], str]:
@@ -556,13 +540,15 @@ def _unpaired_split(manifest: Manifest, source: str, target: str, seed: int) -> 
     A training case holding only one of the two modalities gives that one. Cases holding both are
     shuffled by `seed` and halved: the first half (rounded up) gives source slices, the rest target
     slices, so no case is seen from both sides. Validation uses val cases holding both; without any,
-    as `_validation_cases` says (a case carved out gives neither side), or none at all."""
+    as `validation_cases` says (a case carved out gives neither side), or none at all."""
+    from crossdiff.data.manifest import validation_cases
+
     paired = set(manifest.cases_with(source, target))
     val = [cid for cid in manifest.split_cases("val") if cid in paired]
     train = manifest.split_cases("train")
     both_sides = [c for c in train if c in paired]
     if both_sides or val:
-        carved, val, note = _validation_cases(both_sides, val, seed)
+        carved, val, note = validation_cases(both_sides, val, seed)
     else:
         carved, note = [], f"none: no val or training case holds both {source} and {target} (test cases are never used)"
     train = [cid for cid in train if cid in carved or cid not in paired]

@@ -389,6 +389,22 @@ def _check_files_exist(path: Path, manifest: Manifest) -> None:
 # ---------------------------------------------------------------------------------------- splits
 
 
+CARVE_FROM = 4  # training cases needed before one is carved out for validation
+
+
+def validation_cases(train: list[str], val: list[str], seed: int) -> tuple[list[str], list[str], str]:
+    """The manifest's val cases; without any, one training case carved out (seeded) when there are at least
+    CARVE_FROM, else the training cases themselves (monitoring only). Test cases are never used."""
+    if val:
+        return train, val, f"{len(val)} val case(s) of the manifest ({', '.join(val[:4])})"
+    if len(train) >= CARVE_FROM:
+        carved = [cid for cid, split in assign_splits(train, val=1 / len(train), test=0.0, seed=seed).items() if split == "val"]
+        kept = [cid for cid in train if cid not in carved]
+        return kept, carved, f"no val split: {', '.join(carved)} carved out of the training cases (seed {seed})"
+    return train, train, (f"no val split and only {len(train)} training case(s): validation runs on the training cases "
+                          "(it watches for collapse, it does not measure generalisation); test cases are never used")
+
+
 def assign_splits(
     case_ids: Iterable[str],
     val: float,

@@ -36,7 +36,7 @@ from crossdiff import checkpoints
 from crossdiff.atomic import write_json, write_text
 from crossdiff.data.cases import family_of, prepare_case
 from crossdiff.data.layouts import scan
-from crossdiff.data.manifest import Manifest, load_manifest, save_manifest
+from crossdiff.data.manifest import Manifest, load_manifest, save_manifest, validation_cases
 from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.benchmark_config import LEAVE_ONE_OUT, BenchmarkConfig, MethodEntry
 from crossdiff.evaluation.cost import measure, parameter_count, training_seconds_per_step
@@ -50,7 +50,7 @@ from crossdiff.inference import LoadedModel, load_model, translate_volume
 from crossdiff.intensity import IntensityScaling
 from crossdiff.methods import get_method
 from crossdiff.train_command import train_with_command
-from crossdiff.training import resolve_device
+from crossdiff.training import TrainConfig, resolve_device
 from crossdiff.volumes import Geometry, Volume, write_volume
 
 TRAIN_CONFIG = "benchmark-config.yaml"
@@ -357,10 +357,14 @@ def _tuned(
     config: BenchmarkConfig, entry: MethodEntry, fold: str, held_out: list[str], manifest: Manifest, fold_manifest: Path,
     run_dir: Path, out: Path, device: Any, log: Callable[[str], None],
 ) -> tuple[MethodEntry, TuningChoice]:
-    """The entry with the candidate of its `tune` list that scores best on this fold's training cases (each
-    candidate trained as the entry would be, in OUT/tuning/FOLD/NAME/K), its run copied to run_dir."""
+    """The entry with the candidate of its `tune` list that scores best on this fold's validation cases (each
+    candidate trained as the entry would be, in OUT/tuning/FOLD/NAME/K), its run copied to run_dir. The
+    validation cases are those `crossdiff train` keeps out of training: one carved out of the fold's training
+    cases when there are at least CARVE_FROM, else the training cases themselves."""
     settings = config.tuning
     training_cases = [case for case in manifest.cases_with(config.source, config.target) if case not in held_out]
+    seed = TrainConfig.from_dict(config.train_sections(entry)["training"]).seed
+    validation = validation_cases(training_cases, [], seed)[1]  # the case(s) `crossdiff train` keeps out of training
 
     def train(candidate: MethodEntry, candidate_dir: Path) -> None:
         _train(config, candidate, fold_manifest, candidate_dir, log, cache=out / "cache")
@@ -372,7 +376,7 @@ def _tuned(
                           model.spec.planar)
         samples = settings["samples"] if model.method.stochastic else 1
         scores = {}
-        for case_id in training_cases:
+        for case_id in validation:
             case = _prepared_case(config, manifest, case_id, model, out / "cache", settings["slices"])
             result = translate_volume(model, case.source, samples=samples, mask=case.mask_volume,
                                       seed=config.evaluation["seed"], target=config.target)

@@ -1,11 +1,13 @@
 """Hyper-parameter choice inside a benchmark fold, on the fold's training cases only.
 
 A method entry's `tune` lists candidate overrides of its method section (e.g. learning rates). For each
-fold, every candidate is trained on the fold's training cases with the same budget, scored on those same
-training cases' own pairs (for an unpaired method the pairing it never saw; for a paired one its training
-slices, which favours overfitting but ranks candidates of one method alike), and the best one becomes the
-fold's model. The held-out cases are never translated before the choice is made, so they choose nothing.
-The record OUT/tuning/FOLD/NAME.json keeps every candidate's scores; a rerun reuses it.
+fold, every candidate is trained on the fold's training cases with the same budget and scored on the
+validation cases `crossdiff train` keeps out of them (one case carved out, seeded, when the fold has at
+least four training cases; with fewer there is none to spare, and the training cases themselves are
+scored: for an unpaired method on the pairing it never saw, for a paired one on data it fitted). The best
+candidate becomes the fold's model. The held-out cases are never translated before the choice is made,
+so they choose nothing. The record OUT/tuning/FOLD/NAME.json keeps every candidate's scores; a rerun
+reuses it.
 """
 
 from __future__ import annotations
