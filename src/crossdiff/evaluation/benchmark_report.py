@@ -320,9 +320,10 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         sections.append(Section(
             "Hyper-parameter choice",
             "Each tuned method's candidates, every one trained per fold with the method's budget on the fold's "
-            f"training cases and scored on those same cases ({tuning['metric']} of the central {tuning['slices']} "
-            f"slices, {tuning['samples']} draw(s) per stochastic translation); the best became the fold's model. "
-            "The held-out cases chose nothing.",
+            "training cases and scored on its validation cases (the case `crossdiff train` carves out of the "
+            "training cases, or, with fewer than four, the training cases themselves; "
+            f"{tuning['metric']} of their central {tuning['slices']} slices, {tuning['samples']} draw(s) per "
+            "stochastic translation); the best became the fold's model. The held-out cases chose nothing.",
             [Table.from_records(tables["tuning.csv"])]))
     fid_rows = [{"method": n, "fid": f.value, "note": f.note} for n, f in fid_results.items()]
     sections.append(Section("FID", "", [Table.from_records(fid_rows)]))

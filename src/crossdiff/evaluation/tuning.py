@@ -41,7 +41,8 @@ class TuningChoice:
     def rows(self) -> list[dict[str, Any]]:
         """One table row per candidate (tuning.csv)."""
         return [{"fold": self.fold, "method": self.name, "candidate": ", ".join(f"{k}={v}" for k, v in c["override"].items()),
-                 f"validation_{self.metric}": c["score"], "chosen": index == self.chosen}
+                 f"validation_{self.metric}": c["score"], "validation_cases": " ".join(self.cases),
+                 "chosen": index == self.chosen}
                 for index, c in enumerate(self.candidates)]
 
 
