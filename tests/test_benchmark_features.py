@@ -174,6 +174,9 @@ evaluation: {slices: 8}
     again = crossdiff("benchmark", "--config", config, "--out", out)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing the tuning choice" in " ".join(again.stderr.split())
+    config.write_text(config.read_text().replace("{lr: 2.0e-9}", "{lr: 4.0e-9}"))
+    changed = crossdiff("benchmark", "--config", config, "--out", out)
+    assert changed.returncode != 0 and "other candidates" in " ".join(changed.stderr.split())
 
 
 @pytest.mark.parametrize("tune, problem", [

@@ -61,6 +61,9 @@ def choose(
     if record.is_file():
         saved = json.loads(record.read_text(encoding="utf-8"))
         choice = TuningChoice(**saved)
+        if [candidate["override"] for candidate in choice.candidates] != entry.tune:
+            raise CrossdiffError(f"{record} chose among other candidates than the config's 'tune' of {entry.name} "
+                                 "lists now; delete it (and its runs) or choose another --out")
         log(f"reusing the tuning choice {record}")
     else:
         candidates = []
@@ -73,8 +76,8 @@ def choose(
         pick = min if LOWER_IS_BETTER[metric] else max
         chosen = pick(range(len(candidates)), key=lambda k: candidates[k]["score"])
         choice = TuningChoice(fold, entry.name, metric, sorted(next(iter(candidates))["scores"]), candidates, chosen)
-        scores = ", ".join(f"{candidate['score']:.4g}" for candidate in candidates)
-        log(f"tuning {entry.name} in {fold}: validation {metric} {scores} -> candidate {chosen}")
+        listed = ", ".join(f"{candidate['score']:.4g}" for candidate in candidates)
+        log(f"tuning {entry.name} in {fold}: validation {metric} {listed} -> candidate {chosen}")
         write_json(record, vars(choice))
     _install(runs / str(choice.chosen), run_dir)
     return candidate_entry(entry, choice.chosen), choice
