@@ -382,11 +382,18 @@ def _scaled(row: dict[str, Any], slices: int) -> float:
     return row["seconds"] * slices / row["slices"]
 
 
-NOISE = ("Read differences of a few percent as noise: other processes shared the cores, and the same cddpm job "
-         "(fp32, channels_last, batch 1) ran three times here in 35.7-40.7 s. A negative overhead is such noise "
-         "(the bare replay ran slower than the loop). cddpm-distill is an untrained student, which samples with its "
-         "first round's 16 steps; a finished one samples with its last round's (4 by default), a quarter of the "
-         "seconds.")
+def _noise_note(report: dict[str, Any]) -> str:
+    """How far the same job's seconds spread within this run: the cddpm job (fp32, channels_last, batch 1)
+    runs in the translation table, the batch sweep and the precision table."""
+    same = [row["seconds"] for row in report["translation"] if row["method"] == "cddpm" and row["batch"] == 1]
+    same += [row["seconds"] for row in report["batch_sweep"] if row["batch"] == 1]
+    same += [row["seconds"] for row in report["precision"]
+             if row["method"] == "cddpm" and row["precision"] == "fp32" and row["channels_last"]]
+    spread = (f"the same cddpm job (fp32, channels_last, batch 1) ran {len(same)} times in this run in "
+              f"{min(same):.1f}-{max(same):.1f} s. " if len(same) > 1 else "")
+    return (f"Read differences of a few percent as noise: {spread}A negative overhead is such noise (the bare replay "
+            "ran slower than the loop). cddpm-distill is an untrained student, which samples with its first round's "
+            "16 steps; a finished one samples with its last round's (4 by default), a quarter of the seconds.")
 
 
 def _section(title: str, columns: list[str], rows: list[list[str]], intro: str = "") -> list[str]:
@@ -405,7 +412,7 @@ def _markdown(report: dict[str, Any]) -> str:
              f"{machine['threads']} thread(s) (torch {machine['torch']}; GPU: {machine['gpu'] or 'none'}). "
              f"{report['note']}".rstrip()]
     if len(rows) > 1 or report["batch_sweep"]:
-        lines += ["", NOISE]
+        lines += ["", _noise_note(report)]
     if rows:
         lines += _section(
             f"Translation: 256 x 256 x {n}, {rows[0]['draws']} draws, default sampler, fp32",
