@@ -17,9 +17,9 @@ methods:
   - {method: cldm, stages: {diffusion: {sampler: ddim, steps: 20}}}   # one model for every target; each
                                       # stage trained with `config` plus its own `stages` section
   - {method: pix2pix, train: {training: {batch_size: 4}}}   # per-method overrides of the shared sections
-  - {method: cyclegan, tune: [{lr: 1.0e-3}, {lr: 2.0e-3}]}  # candidates, one chosen per fold on its training
+  - {method: cyclegan, tune: [{lr: 1.0e-3}, {lr: 2.0e-3}]}  # candidates, one chosen per fold on its validation
                                       # cases (crossdiff.evaluation.tuning); the held-out cases choose nothing
-tuning: {slices: 16, samples: 1, metric: mae}   # how candidates are scored: central slices of each training
+tuning: {slices: 16, samples: 1, metric: mae}   # how candidates are scored: central slices of each validation
                                       # case, draws per stochastic translation, the metric (mae, psnr or ssim)
 train:                                # `crossdiff train --config` sections shared by every method
   slices: {size: [64, 64], fit: resize}
@@ -64,7 +64,7 @@ TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "
              "tuning")
 BUDGET_DEFAULTS: dict[str, Any] = {"train_seconds": None, "calibration_steps": 20}
 TUNING_DEFAULTS: dict[str, Any] = {"slices": 16, "samples": 1, "metric": "mae"}
-TUNING_METRICS = ("mae", "psnr", "ssim")
+TUNING_METRICS = {"mae": "lower", "psnr": "higher", "ssim": "higher"}  # what tuning may choose by, and which way
 TRAIN_SECTIONS = ("slices", "preparation", "training")
 
 

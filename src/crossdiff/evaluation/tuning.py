@@ -21,9 +21,7 @@ from typing import Any
 
 from crossdiff.atomic import write_json
 from crossdiff.errors import CrossdiffError
-from crossdiff.evaluation.benchmark_config import MethodEntry
-
-LOWER_IS_BETTER = {"mae": True, "psnr": False, "ssim": False}
+from crossdiff.evaluation.benchmark_config import TUNING_METRICS, MethodEntry
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def choose(
             scores = validate(candidate_dir)
             candidates.append({"override": entry.tune[index], "score": sum(scores.values()) / len(scores),
                                "scores": scores})
-        pick = min if LOWER_IS_BETTER[metric] else max
+        pick = min if TUNING_METRICS[metric] == "lower" else max
         chosen = pick(range(len(candidates)), key=lambda k: candidates[k]["score"])
         choice = TuningChoice(fold, entry.name, metric, sorted(next(iter(candidates))["scores"]), candidates, chosen)
         listed = ", ".join(f"{candidate['score']:.4g}" for candidate in candidates)
