@@ -151,13 +151,13 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
             peak = json.loads((run_dir / TRAIN_RECORD).read_text(encoding="utf-8")).get("peak_memory_bytes")
             info.train_peak_memory_bytes.extend([] if peak is None else [int(peak)])
-            scale, planar = scale_for(family_of(config.target), summary["target_units"]), bool(summary["planar"])
+            scoring = _scoring(config, summary["target_units"], bool(summary["planar"]))
+            scale, planar = scoring.scale, scoring.planar
             if saved is not None:
                 log(f"reusing the scored translations of {entry.name} in {fold}")
                 runs += saved
                 continue
             assert model is not None
-            scoring = Scoring(config.evaluation["metrics"], scale, planar)
             for index, case_id in enumerate(held_out):
                 case = _held_out_case(config, manifest, case_id, model, out)
                 with_noise = index == 0 and bool(config.evaluation["noise_levels"])
@@ -371,9 +371,7 @@ def _tuned(
 
     def validate(candidate_dir: Path) -> dict[str, float]:
         model = load_model(candidate_dir, device)
-        scoring = Scoring(config.evaluation["metrics"],
-                          scale_for(family_of(config.target), model.spec.for_target(config.target).target_scaling.units),
-                          model.spec.planar)
+        scoring = _scoring(config, model.spec.for_target(config.target).target_scaling.units, model.spec.planar)
         samples = settings["samples"] if model.method.stochastic else 1
         scores = {}
         for case_id in validation:
@@ -472,6 +470,11 @@ class Scoring:
 
     def values(self, reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> dict[str, float]:
         return self(reference, prediction, mask).values
+
+
+def _scoring(config: BenchmarkConfig, units: str, planar: bool) -> Scoring:
+    """The benchmark's scoring rule for a target stored in `units`, from a loaded model or a run's records."""
+    return Scoring(config.evaluation["metrics"], scale_for(family_of(config.target), units), planar)
 
 
 def _case_run(
