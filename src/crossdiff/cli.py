@@ -365,7 +365,6 @@ def train(
     from crossdiff.data.slices import PairedSliceDataset, SliceConfig, UnpairedSliceDataset
     from crossdiff.inference import ModelSpec
     from crossdiff.methods import get_method
-    from crossdiff.methods.base import DataSpec
     from crossdiff.methods.cldm import AutoencoderStage, LatentDiffusion, stage_datasets
     from crossdiff.training import TrainConfig, seed_everything
     from crossdiff.training import train as run_training
@@ -414,8 +413,7 @@ def train(
                            target=target, target_scaling=target_scaling)
         val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
     seed_everything(training.seed)
-    patch = slices.crop if slices.crop is not None and cls.patch_training else slices.size
-    data = DataSpec(slices.channels, 1, patch)  # the size of the training images: patches when it trains on them
+    data = cls.training_data(slices)
     if autoencoder is not None:
         model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
     else:
@@ -437,10 +435,10 @@ def _check_method_section(method: str, section: dict, slices: SliceConfig, build
     """The method section typed and (unless it is completed later, as cldm's new diffusion stage) built on
     the meta device, before any case is prepared; its errors name the config file they came from."""
     from crossdiff.config_schema import check_method_settings
-    from crossdiff.methods.base import DataSpec
+    from crossdiff.methods import get_method
 
     try:
-        check_method_settings(method, section, DataSpec(slices.channels, 1, slices.size), build=build)
+        check_method_settings(method, section, get_method(method).training_data(slices), build=build)
     except InputError:
         raise
     except CrossdiffError as error:

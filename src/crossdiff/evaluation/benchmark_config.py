@@ -57,7 +57,6 @@ from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.metrics import STANDARDS
 from crossdiff.file_checks import path_name_problem
 from crossdiff.methods import get_method
-from crossdiff.methods.base import DataSpec
 from crossdiff.training import TrainConfig
 
 TOP_LEVEL = ("data", "layout", "source", "target", "test", "methods", "train", "evaluation", "quick", "groups", "budget",
@@ -322,8 +321,8 @@ def _check_training(config: BenchmarkConfig, entry: MethodEntry) -> None:
     TrainConfig.from_dict(sections["training"])
     modalities = [config.source, *config.targets]
     PreparationConfig.from_dict({"modalities": modalities, "reference": modalities[1], **sections["preparation"]})
-    data = DataSpec(slices.channels, 1, slices.size)
     method = get_method(entry.method)
+    data = method.training_data(slices)
     for candidate in entry.tune or [{}]:
         for stage in method.training_stages or (None,):
             settings = entry.stage_config(stage) | candidate | ({"stage": stage} if stage else {})

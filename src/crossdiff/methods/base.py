@@ -13,12 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from crossdiff.errors import CrossdiffError
+
+if TYPE_CHECKING:
+    from crossdiff.data.slices import SliceConfig
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,13 @@ class Method(ABC):
         for methods whose defaults depend on one (cldm's stage)."""
         with torch.device("meta"):
             return dict(cls({}, DataSpec(1)).config)
+
+    @classmethod
+    def training_data(cls, slices: SliceConfig) -> DataSpec:
+        """What the networks see in training: `slices.crop` patches when the method trains on patches, else
+        whole slices; the config check builds the method on it too, so a check and the run agree."""
+        patch = slices.crop if slices.crop is not None and cls.patch_training else slices.size
+        return DataSpec(slices.channels, 1, patch)
 
     def sampling_pixels(self, size: tuple[int, int]) -> int:
         """Pixels per item of a slice of `size` where the sampling loop works: what CPU batches are sized
