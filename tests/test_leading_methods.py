@@ -281,6 +281,36 @@ def test_a_distilled_four_step_student_follows_its_teacher_closer_than_the_teach
     assert math.isfinite(quality["student-4"])
 
 
+def test_a_student_trains_on_the_patches_its_teacher_trained_on(tmp_path, case, sample_run):
+    """With `slices.crop` a cddpm trains on patches, so a student of it must be checked and built on those
+    patches (the paired benchmark's distillation was refused before it started, checked on whole slices);
+    a teacher trained on whole slices is still refused for a student that trains on patches."""
+    patches = SliceConfig(size=SLICES.size, fit="resize", context=1, crop=(16, 16), seed=0)
+    seed_everything(0)
+    teacher = get_method("cddpm")(TINY_DENOISER, DataSpec(patches.channels, 1, patches.crop))
+    train(teacher, PairedSliceDataset([case], "mr", "ct", patches, augment=True, crop=True), None,
+          TrainConfig(steps=1, batch_size=4, log_every=1, device="cpu"), tmp_path / "teacher",
+          extra_config=ModelSpec.from_cases([case], "mr", "ct", patches, PREPARATION).to_sections())
+    manifest = tmp_path / "manifest.json"
+    images = {"mr": str(SAMPLE / "mr.nii.gz"), "ct": str(SAMPLE / "ct.nii.gz")}
+    manifest.write_text(json.dumps({"cases": {"STS_003": {"split": "train", "images": images}}}))
+
+    def distil(teacher_run, out: str):
+        settings = {"method": {"teacher": str(teacher_run), "rounds": 1}, "slices": patches.to_dict(),
+                    "training": {"batch_size": 4, "log_every": 1}}
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump(settings))
+        return CliRunner().invoke(app, ["train", "--method", "cddpm-distill", "--manifest", str(manifest), "--out",
+                                        str(tmp_path / out), "--config", str(tmp_path / f"{out}.yaml"), "--steps", "1",
+                                        "--device", "cpu"])
+
+    trained = distil(tmp_path / "teacher", "student")
+    assert trained.exit_code == 0, trained.output
+    assert load_model(tmp_path / "student", "cpu").method.data.size == (16, 16)
+    refused = distil(sample_run, "whole-slice-teacher")
+    assert isinstance(refused.exception, CrossdiffError) and "was trained on slices" in str(refused.exception)
+    assert not (tmp_path / "whole-slice-teacher" / "config.yaml").exists()
+
+
 def test_a_student_names_its_teacher_relative_to_its_config_file_on_the_command_line(tmp_path, sample_run):
     """`teacher: ../teacher` in a YAML inside the student's run folder (how a benchmark entry names its fold's
     cddpm run); the saved run no longer needs the teacher; a teacher that is no cddpm is refused by name."""
