@@ -11,8 +11,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import yaml
 from heldout import sarcoma_split
-from helpers import SARCOMA, SARCOMA_MR_CT, crossdiff, needs_shared
+from helpers import REPO, SARCOMA, SARCOMA_MR_CT, crossdiff, needs_shared
 
 from crossdiff.data.slices import PairedSliceDataset, SliceConfig
 from crossdiff.errors import InputError
@@ -191,3 +192,16 @@ def test_a_bad_tune_list_is_refused_naming_the_config(tmp_path, tune, problem):
     with pytest.raises(InputError, match=problem) as error:
         load_benchmark_config(config)
     assert str(config) in str(error.value)
+
+
+BENCHMARK_CONFIGS = sorted(path for path in (REPO / "benchmarks" / "configs").glob("*.yaml")
+                           if "methods" in yaml.safe_load(path.read_text(encoding="utf-8")))  # not the train configs
+
+
+@pytest.mark.parametrize("path", BENCHMARK_CONFIGS, ids=lambda path: path.name)
+def test_every_committed_benchmark_config_loads_and_builds_its_methods(path):
+    """A committed config that a later session starts must not fail after hours of its first folds: each is
+    read, its methods type-checked and built on the slices they train on, with --quick where it has one."""
+    for quick in (False, True) if "quick" in yaml.safe_load(path.read_text(encoding="utf-8")) else (False,):
+        config = load_benchmark_config(path, quick=quick)
+        assert config.methods and config.data.exists()
