@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from crossdiff.dicom_output import DicomOutput, DicomRequest
     from crossdiff.inference import LoadedModel, ModelSpec, VolumeTranslation
     from crossdiff.intensity import IntensityScaling
+    from crossdiff.methods.base import DataSpec
     from crossdiff.volumes import Volume
 
 app = typer.Typer(
@@ -383,7 +384,8 @@ def train(
     preparation = PreparationConfig.from_dict(
         {"modalities": [source, *targets], "reference": targets[0], **settings["preparation"]}
     )
-    _check_method_section(method, settings["method"], slices, autoencoder is None, config or out / "config.yaml")
+    data = cls.training_data(slices)  # patches when the method trains on them: checked and built on the same
+    _check_method_section(method, settings["method"], data, autoencoder is None, config or out / "config.yaml")
     loaded = load_manifest(manifest)
     if cls.paired:
         train_ids, val_ids, note = _training_split(loaded, source, targets, training.seed)
@@ -413,7 +415,6 @@ def train(
                            target=target, target_scaling=target_scaling)
         val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
     seed_everything(training.seed)
-    data = cls.training_data(slices)
     if autoencoder is not None:
         model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
     else:
@@ -431,14 +432,13 @@ def train(
         _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
 
 
-def _check_method_section(method: str, section: dict, slices: SliceConfig, build: bool, source: Path) -> None:
+def _check_method_section(method: str, section: dict, data: DataSpec, build: bool, source: Path) -> None:
     """The method section typed and (unless it is completed later, as cldm's new diffusion stage) built on
     the meta device, before any case is prepared; its errors name the config file they came from."""
     from crossdiff.config_schema import check_method_settings
-    from crossdiff.methods import get_method
 
     try:
-        check_method_settings(method, section, get_method(method).training_data(slices), build=build)
+        check_method_settings(method, section, data, build=build)
     except InputError:
         raise
     except CrossdiffError as error:
