@@ -94,9 +94,12 @@ def _train_config(path: Path) -> dict[str, Any]:
     """What `crossdiff train --config PATH` checks before reading any data."""
     from crossdiff.cli import _check_method_section, _run_settings
     from crossdiff.data.slices import SliceConfig
+    from crossdiff.methods import get_method
 
     settings = _run_settings(path.parent / "no-run", path, False, "mr", ["ct"])
-    _check_method_section(_method_of(path), settings["method"], SliceConfig.from_dict(settings["slices"]), True, path)
+    method = _method_of(path)
+    data = get_method(method).training_data(SliceConfig.from_dict(settings["slices"]))
+    _check_method_section(method, settings["method"], data, True, path)
     return {"sections": sorted(settings)}
 
 
