@@ -10,7 +10,8 @@ one generator instead fails every method here); measured on these tiny networks:
 Each method is a tiny untrained network (its weights are random but fixed, which is all the property
 needs) translating two real slices of the bundled patient's MR; items are (slice, draw) pairs, so a
 batch of 4 splits the 6 items of a 3-draw run across slices and draws, and batches of 1 and 6 do
-neither. Also checked here: what `--precision auto` means on the CPU, and the per-stage demo timings.
+neither. Also checked here: what `--precision auto` means on the CPU, a benchmark's `evaluation.precision`,
+and the per-stage demo timings.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SAMPLE, assert_clear_failure, crossdiff
+from helpers import SAMPLE, SARCOMA_MR_CT, assert_clear_failure, crossdiff
 
 from crossdiff import read_volume
 from crossdiff.acceleration import Acceleration, BatchSizer
@@ -31,6 +32,8 @@ from crossdiff.data.slices import SliceConfig
 from crossdiff.demo import MODEL_FOLDER, SAMPLE_DIR
 from crossdiff.diffusion.streams import ItemStreams
 from crossdiff.errors import CrossdiffError
+from crossdiff.evaluation.benchmark import _translate
+from crossdiff.evaluation.benchmark_config import load_benchmark_config
 from crossdiff.inference import LoadedModel, ModelSpec, translate_volume
 from crossdiff.masks import body_mask
 from crossdiff.methods import get_method
@@ -124,6 +127,18 @@ def test_another_seed_gives_other_draws(case, mr, two_slices):
     first, other = (translate_volume(model, mr, samples=2, mask=two_slices, seed=seed, acceleration=FP32).mean.array
                     for seed in (11, 12))
     assert not np.array_equal(first, other)
+
+
+def test_a_benchmark_translates_at_its_evaluation_precision(case, mr, two_slices, tmp_path):
+    """`evaluation.precision` reaches every translation of a benchmark (held-out cases, noise, timing, tuning)."""
+    config = tmp_path / "bench.yaml"
+    config.write_text(SARCOMA_MR_CT + "test: [STS_003]\nmethods: [{method: cddpm}]\nevaluation: {precision: bf16, seed: 11}\n")
+    model = tiny_model("cddpm", case)
+    benchmarked = _translate(load_benchmark_config(config), model, mr, two_slices, samples=2).mean.array
+    bf16, fp32 = (translate_volume(model, mr, samples=2, mask=two_slices, seed=11, target="ct",
+                                   acceleration=Acceleration(precision=precision)).mean.array for precision in ("bf16", "fp32"))
+    assert np.array_equal(benchmarked, bf16)
+    assert np.abs(benchmarked - fp32).max() > ROUNDING_HU  # bf16 rounding shows: the precision was applied
 
 
 def test_item_streams_give_each_row_its_own_numbers():

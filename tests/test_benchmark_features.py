@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -192,6 +194,34 @@ def test_a_bad_tune_list_is_refused_naming_the_config(tmp_path, tune, problem):
     with pytest.raises(InputError, match=problem) as error:
         load_benchmark_config(config)
     assert str(config) in str(error.value)
+
+
+@pytest.mark.parametrize("precision, problem", [("int8", "must be one of auto, fp32, bf16, fp16"),
+                                               ("fp16", "needs a CUDA GPU")])
+def test_an_evaluation_precision_the_machine_cannot_run_is_refused_before_training(tmp_path, precision, problem):
+    if precision == "fp16" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: fp16 is allowed here")
+    config = tmp_path / "bench.yaml"
+    config.write_text(SARCOMA_MR_CT + f"test: [STS_003]\nmethods: [{{method: unet}}]\nevaluation: {{precision: {precision}}}\n")
+    with pytest.raises(InputError, match=problem) as error:
+        load_benchmark_config(config)
+    assert str(config) in str(error.value)
+
+
+def test_budget_rates_sets_two_runs_calibrations_side_by_side(tmp_path):
+    for label, rates in (("a", {"unet": 0.5, "cddpm": 0.25}), ("b", {"unet": 1.0})):
+        (tmp_path / label / "budget").mkdir(parents=True)
+        for method, rate in rates.items():
+            (tmp_path / label / "budget" / f"{method}.json").write_text(json.dumps({"steps_per_cpu_s": rate}))
+    out = tmp_path / "rates.md"
+    done = subprocess.run([sys.executable, REPO / "benchmarks" / "budget_rates.py", "--run", f"fp32={tmp_path / 'a'}",
+                           "--run", f"bf16={tmp_path / 'b'}", "--out", out], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "| unet | 0.5 (240) | 1 (480) | 2.00 |" in out.read_text()
+    assert "cddpm" not in out.read_text()  # calibrated by one run only: nothing to set beside it
+    missing = subprocess.run([sys.executable, REPO / "benchmarks" / "budget_rates.py", "--run", f"x={tmp_path / 'a'}",
+                              "--run", f"y={tmp_path / 'none'}", "--out", tmp_path / "no.md"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no budget records" in missing.stderr and not (tmp_path / "no.md").exists()
 
 
 BENCHMARK_CONFIGS = sorted(path for path in (REPO / "benchmarks" / "configs").glob("*.yaml")

@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from crossdiff import checkpoints
+from crossdiff.acceleration import Acceleration
 from crossdiff.atomic import write_json, write_text
 from crossdiff.data.cases import family_of, prepare_case
 from crossdiff.data.layouts import scan
@@ -46,7 +47,7 @@ from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
 from crossdiff.evaluation.robustness import noise_robustness
 from crossdiff.evaluation.tuning import TuningChoice, choose
 from crossdiff.evaluation.variability import calibration_table, sample_spread, uncertainty_error_correlation
-from crossdiff.inference import LoadedModel, load_model, translate_volume
+from crossdiff.inference import LoadedModel, VolumeTranslation, load_model, translate_volume
 from crossdiff.intensity import IntensityScaling
 from crossdiff.methods import get_method
 from crossdiff.train_command import train_with_command
@@ -376,8 +377,7 @@ def _tuned(
         scores = {}
         for case_id in validation:
             case = _prepared_case(config, manifest, case_id, model, out / "cache", settings["slices"])
-            result = translate_volume(model, case.source, samples=samples, mask=case.mask_volume,
-                                      seed=config.evaluation["seed"], target=config.target)
+            result = _translate(config, model, case.source, case.mask_volume, samples=samples)
             prediction = _scored_scale(config, model, case)(result.mean).array
             scores[case_id] = scoring.values(case.reference.array, prediction, case.mask)[settings["metric"]]
         return scores
@@ -518,13 +518,18 @@ def _scored_scale(config: BenchmarkConfig, model: LoadedModel, case: HeldOutCase
                            case.reference_scaling)
 
 
+def _translate(config: BenchmarkConfig, model: LoadedModel, source: Volume, mask: Volume, **options: Any) -> VolumeTranslation:
+    """Every translation of a benchmark: its seed, target and precision (`evaluation.precision`), on `mask`."""
+    return translate_volume(model, source, mask=mask, seed=config.evaluation["seed"], target=config.target,
+                            acceleration=Acceleration(precision=config.evaluation["precision"]), **options)
+
+
 def _translate_and_score(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedModel, out: Path,
                          scoring: Scoring) -> dict[str, Any]:
     settings = config.evaluation
     samples = settings["samples"] if model.method.stochastic else 1
     result, measured = measure(
-        lambda: translate_volume(model, case.source, samples=samples, mask=case.mask_volume, seed=settings["seed"],
-                                 keep_samples=samples > 1, target=config.target),
+        lambda: _translate(config, model, case.source, case.mask_volume, samples=samples, keep_samples=samples > 1),
         model.device,
     )
     scaled = _scored_scale(config, model, case)
@@ -570,7 +575,7 @@ def _noise(config: BenchmarkConfig, name: str, case: HeldOutCase, model: LoadedM
     mask_volume, scaled = case.mask_volume, _scored_scale(config, model, case)
 
     def translate(source: Volume) -> Volume:
-        return scaled(translate_volume(model, source, mask=mask_volume, seed=settings["seed"], target=config.target).mean)
+        return scaled(_translate(config, model, source, mask_volume).mean)
 
     rows = noise_robustness(translate, case.source, case.reference.array, case.mask, scoring.values,
                             settings["noise_levels"], seed=settings["seed"])
@@ -594,9 +599,7 @@ def _timing(config: BenchmarkConfig, entry: MethodEntry, case: HeldOutCase, mode
     for options in entry.timing:
         label = " ".join(f"{key}={value}" for key, value in options.items())
         log(f"timing {entry.name} with {label} on {slices} slices of {case.case_id}")
-        seed = config.evaluation["seed"]
-        result, measured = measure(partial(translate_volume, model, source, options=options, mask=mask, seed=seed,
-                                           target=config.target), model.device)
+        result, measured = measure(partial(_translate, config, model, source, mask, options=options), model.device)
         rows.append({"options": label, "nfe": result.nfe, "slices": slices, "s_per_slice": measured.seconds / slices})
     write_json(record, plain_json(rows))
     return rows

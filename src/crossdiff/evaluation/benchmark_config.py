@@ -34,6 +34,7 @@ evaluation:
   timing_slices: 2                    # central slices that each `timing` entry translates
   target_intensity: training          # or 'case': translations put on each held-out reference's own intensity
                                       # scale before scoring (MR in scanner units that differ between subjects)
+  precision: auto                     # of every translation: fp32 on a CPU, bf16 on CUDA; or fp32, bf16, fp16
   seed: 0
 quick:                                # merged over the above with --quick
   train: {training: {steps: 20}}
@@ -50,6 +51,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from crossdiff.acceleration import PRECISIONS
 from crossdiff.config_schema import check_method_settings, check_section, mapping, read_yaml
 from crossdiff.data.cases import PreparationConfig
 from crossdiff.data.slices import SliceConfig
@@ -79,6 +83,7 @@ class EvaluationSettings:
     seed: int = 0
     timing_slices: int = 2
     target_intensity: str = "training"
+    precision: str = "auto"  # of every translation: crossdiff.acceleration's ('auto': fp32 on a CPU, bf16 on CUDA)
 
 
 EVALUATION_DEFAULTS: dict[str, Any] = asdict(EvaluationSettings())
@@ -350,6 +355,10 @@ def _evaluation(path: Path, value: Any) -> dict[str, Any]:
         raise InputError(path, "evaluation timing_slices must be a whole number >= 1")
     if settings["target_intensity"] not in TARGET_INTENSITIES:
         raise InputError(path, f"evaluation target_intensity must be one of {', '.join(TARGET_INTENSITIES)}")
+    if settings["precision"] not in PRECISIONS:
+        raise InputError(path, f"evaluation precision must be one of {', '.join(PRECISIONS)}, not {settings['precision']!r}")
+    if settings["precision"] == "fp16" and not torch.cuda.is_available():
+        raise InputError(path, "evaluation precision fp16 needs a CUDA GPU, and this machine has none; use bf16 or fp32")
     settings["noise_levels"] = [float(level) for level in settings["noise_levels"] or []]
     if any(level < 0 for level in settings["noise_levels"]) or settings["seed"] < 0:
         raise InputError(path, "evaluation noise_levels and seed must be >= 0")
