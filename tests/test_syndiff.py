@@ -89,6 +89,21 @@ def test_large_steps_follow_the_vp_schedule_and_the_last_posterior_is_the_estima
     assert torch.allclose(last, estimate, atol=1e-6)  # zero variance, weight 1 on the estimate
 
 
+def test_a_reverse_step_can_be_asked_for_one_step_of_the_schedule():
+    """What benchmarks/syndiff_critic_probe.py measures the critic on: every item at step j; at j = 1 the
+    true earlier image is x0 itself and the generated one is the generator's estimate (no posterior noise)."""
+    method = tiny()
+    x0, source = torch.rand(3, 1, *SLICES.size) * 2 - 1, torch.rand(3, SLICES.channels, *SLICES.size)
+    for j in (1, 3):
+        step = method._reverse_step(method.generator, x0, source, torch.Generator().manual_seed(0), j=j)
+        assert step.t.tolist() == [float(method.schedule.times[j])] * 3
+    assert not torch.allclose(step.real, x0, atol=1e-3)  # j = 3: a noisy earlier image
+    first = method._reverse_step(method.generator, x0, source, torch.Generator().manual_seed(0), j=1)
+    assert torch.allclose(first.real, x0, atol=1e-6) and torch.allclose(first.fake, first.x0_hat, atol=1e-6)
+    drawn = method._reverse_step(method.generator, x0, source, torch.Generator().manual_seed(0))
+    assert set(drawn.t.tolist()) <= set(method.schedule.times[1:].tolist())
+
+
 def test_four_step_sampler_is_stochastic_repeatable_and_counts_generator_calls():
     method = tiny()
     calls = []

@@ -155,13 +155,16 @@ class SynDiffMethod(Method):
         return standard_normal(like.new_empty(like.shape[0], int(self.config["latent"])), generator)
 
     def _reverse_step(self, network: nn.Module, x0: torch.Tensor, condition: torch.Tensor,
-                      generator: torch.Generator) -> ReverseStep:
-        """One random large step of x0's forward process, and the network's walk back over it."""
-        j = torch.randint(1, self.schedule.steps + 1, (x0.shape[0],), generator=generator, device=generator.device).cpu()
-        t = self.schedule.times[j].to(x0.device)
-        real, x_t = self.schedule.noisy_pair(x0, j, generator)
+                      generator: torch.Generator, j: int | None = None) -> ReverseStep:
+        """One random large step of x0's forward process (step `j` for every item, if given: a probe of the
+        critic per step), and the network's walk back over it."""
+        count = x0.shape[0]
+        index = (torch.randint(1, self.schedule.steps + 1, (count,), generator=generator, device=generator.device).cpu()
+                 if j is None else torch.full((count,), j, dtype=torch.long))
+        t = self.schedule.times[index].to(x0.device)
+        real, x_t = self.schedule.noisy_pair(x0, index, generator)
         x0_hat = network(x_t, condition, t, self._latent(x0, generator))
-        return ReverseStep(x0_hat, real, self.schedule.posterior(x0_hat, x_t, j, generator), x_t, t)
+        return ReverseStep(x0_hat, real, self.schedule.posterior(x0_hat, x_t, index, generator), x_t, t)
 
     def _critic_loss(self, critic: nn.Module, step: ReverseStep, penalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Softplus loss of a time-conditioned critic on the true and generated earlier images (judged
