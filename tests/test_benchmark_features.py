@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from heldout import sarcoma_split
-from helpers import REPO, SARCOMA, SARCOMA_MR_CT, crossdiff, needs_shared
+from helpers import REPO, SARCOMA, SARCOMA_MR_CT, assert_clear_failure, crossdiff, needs_shared
 
 from crossdiff.data.slices import PairedSliceDataset, SliceConfig
 from crossdiff.errors import InputError
@@ -146,6 +146,10 @@ evaluation: {slices: 8}
     again = crossdiff("benchmark", "--config", config, "--out", out)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing the scored translations of unet in fold1" in " ".join(again.stderr.split())
+    assert (out / "results.csv").read_text() == results
+    config.write_text(config.read_text().replace("evaluation: {slices: 8}", "evaluation: {slices: 9}"))
+    other = crossdiff("benchmark", "--config", config, "--out", out)  # its scores would mix with the 8-slice ones
+    assert_clear_failure(other, "other evaluation settings", "slices: 8, now 9", "fresh --out")
     assert (out / "results.csv").read_text() == results
 
 

@@ -12,6 +12,7 @@ repeats the scoring:
     cases/{source,reference,mask}/   the held-out cases on the reference grid (central slab if asked)
     translations/METHOD/CASE.nii.gz  uncertainty/METHOD/CASE.nii.gz (stochastic methods, >= 2 draws)
     records/METHOD/CASE.json         metrics, cost, sample variability; CASE.noise.json; CASE.timing.json
+    evaluation.json                  the evaluation settings that scored them (a resume with others is refused)
 An interrupted run, started again, reuses finished training runs (and resumes unfinished ones from their
 last checkpoint) and finished translations: a record is written last, only when its case is complete.
 
@@ -118,6 +119,7 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
                   shared: Path | None = None, only: list[str] | None = None) -> BenchmarkResult:
     """Train, translate and score every (fold, method, held-out case) for config.target, reusing what a
     previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
+    _same_evaluation(config, out)
     manifest = _dataset(config)
     folds = _folds(config, manifest)
     if config.budget["train_seconds"] is not None:  # timed on the first fold, whichever folds this run does
@@ -167,6 +169,24 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
                     run = replace(run, timing=_timing(config, entry, case, model, out, log))
                 runs.append(run)
     return BenchmarkResult(config, out, folds, runs, methods, scale, planar, tuning)
+
+
+EVALUATION_RECORD = "evaluation.json"
+
+
+def _same_evaluation(config: BenchmarkConfig, out: Path) -> None:
+    """Scored translations are reused on resume, so OUT keeps the evaluation settings that scored them, and a
+    run with other settings (draws, slices, precision, ...) is refused rather than mixed into one report."""
+    record, settings = out / EVALUATION_RECORD, plain_json(config.evaluation)
+    if not record.is_file():
+        write_json(record, settings)
+        return
+    before = json.loads(record.read_text(encoding="utf-8"))
+    changed = sorted(key for key in set(before) | set(settings) if before.get(key) != settings.get(key))
+    if changed:
+        differences = ", ".join(f"{key}: {before.get(key)!r}, now {settings.get(key)!r}" for key in changed)
+        raise CrossdiffError(f"{out} was scored with other evaluation settings ({differences}); its scores would be "
+                             "mixed with new ones: use a fresh --out, or the settings it was run with")
 
 
 MODEL_SUMMARY = "benchmark-model.json"
