@@ -67,14 +67,6 @@ def held_out_batches(data: PairedSliceDataset, batch: int, count: int, seed: int
     return [b for b, _ in zip(loader, range(count))]
 
 
-def posterior_terms(method: SynDiffMethod, j: int) -> tuple[float, float]:
-    """(c_j, s_j): the weight of x0 in the mean of q(x_{t-k} | x_t, x0) and that posterior's std."""
-    alpha, sigma = method.schedule.alpha.double(), method.schedule.sigma.double()
-    gamma = 1.0 - float(alpha[j] / alpha[j - 1]) ** 2
-    variance, earlier = float(sigma[j]) ** 2, float(sigma[j - 1]) ** 2
-    return float(alpha[j - 1]) * gamma / variance, math.sqrt(gamma * earlier / variance)
-
-
 @torch.no_grad()
 def evaluate(method: SynDiffMethod, critic: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
              seed: int) -> dict[str, Any]:
@@ -94,7 +86,7 @@ def evaluate(method: SynDiffMethod, critic: torch.nn.Module, batches: list[dict[
             real_right += float((on_real > 0).float().mean()) * len(x0)
             fake_right += float((on_fake < 0).float().mean()) * len(x0)
             total += len(x0)
-            weight, spread = posterior_terms(method, j)
+            weight, spread = method.schedule.posterior_terms(j)
             difference = weight * (x0 - step.x0_hat)
             if spread > 0:
                 ratio += float(difference.abs().mean()) / spread * len(x0)
@@ -104,7 +96,7 @@ def evaluate(method: SynDiffMethod, critic: torch.nn.Module, batches: list[dict[
                 ratio, oracle = math.inf, oracle + len(x0)
         rows[j] = {"real_accuracy": real_right / total, "fake_accuracy": fake_right / total,
                    "mean_abs_difference_over_std": ratio / total if math.isfinite(ratio) else None,
-                   "oracle_accuracy": oracle / total, "posterior_std": posterior_terms(method, j)[1]}
+                   "oracle_accuracy": oracle / total, "posterior_std": method.schedule.posterior_terms(j)[1]}
     critic.train()
     return rows
 

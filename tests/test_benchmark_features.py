@@ -130,8 +130,15 @@ train:
 evaluation: {slices: 8}
 """)
     out = tmp_path / "out"
+    unknown = crossdiff("benchmark", "--config", config, "--out", out, "--folds", "fold2,fold9")
+    assert_clear_failure(unknown, "no fold fold9", "the folds are fold1, fold2")
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+    part = crossdiff("benchmark", "--config", config, "--out", out, "--folds", "fold2")  # e.g. one of two processes
+    assert part.returncode == 0, part.stderr[-2000:]
+    assert (out / "runs" / "fold2" / "unet").is_dir() and not (out / "runs" / "fold1").exists()
     first = crossdiff("benchmark", "--config", config, "--out", out)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "reusing the scored translations of unet in fold2" in " ".join(first.stderr.split())
     rate = json.loads((out / "budget" / "unet.json").read_text())["steps_per_cpu_s"]
     assert not (out / "budget" / "intensity-map.json").exists()  # it names its own steps
     for fold in ("fold1", "fold2"):
@@ -181,7 +188,11 @@ evaluation: {slices: 8}
     again = crossdiff("benchmark", "--config", config, "--out", out)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "reusing the tuning choice" in " ".join(again.stderr.split())
-    config.write_text(config.read_text().replace("{lr: 2.0e-9}", "{lr: 4.0e-9}"))
+    scored = config.read_text()
+    config.write_text(scored.replace("tuning: {slices: 8, metric: mae}", "tuning: {slices: 9, metric: mae}"))
+    rescored = crossdiff("benchmark", "--config", config, "--out", out)  # the choice was made on 8 slices
+    assert_clear_failure(rescored, "other tuning settings", "slices: 8, now 9", "fresh --out")
+    config.write_text(scored.replace("{lr: 2.0e-9}", "{lr: 4.0e-9}"))
     changed = crossdiff("benchmark", "--config", config, "--out", out)
     assert changed.returncode != 0 and "other candidates" in " ".join(changed.stderr.split())
 

@@ -87,6 +87,11 @@ def test_large_steps_follow_the_vp_schedule_and_the_last_posterior_is_the_estima
     estimate = torch.rand(4, 1, 8, 8)
     last = schedule.posterior(estimate, torch.randn(4, 1, 8, 8), torch.ones(4, dtype=torch.long), g)
     assert torch.allclose(last, estimate, atol=1e-6)  # zero variance, weight 1 on the estimate
+    for step in (2, 3, 4):  # the posterior's x0 weight and std, read off draws with x0 = 1 and x_t = 0
+        draws = schedule.posterior(torch.ones(1, 1, 128, 128), torch.zeros(1, 1, 128, 128), torch.tensor([step]), g)
+        weight, spread = schedule.posterior_terms(step)
+        assert abs(float(draws.mean()) - weight) < 0.02 and abs(float(draws.std()) / spread - 1) < 0.03, step
+    assert schedule.posterior_terms(1) == pytest.approx((1.0, 0.0), abs=1e-6)
 
 
 def test_a_reverse_step_can_be_asked_for_one_step_of_the_schedule():

@@ -13,6 +13,7 @@ repeats the scoring:
     translations/METHOD/CASE.nii.gz  uncertainty/METHOD/CASE.nii.gz (stochastic methods, >= 2 draws)
     records/METHOD/CASE.json         metrics, cost, sample variability; CASE.noise.json; CASE.timing.json
     evaluation.json                  the evaluation settings that scored them (a resume with others is refused)
+    tuning-settings.json             the same for the tuning settings that scored the tuning candidates
 An interrupted run, started again, reuses finished training runs (and resumes unfinished ones from their
 last checkpoint) and finished translations: a record is written last, only when its case is complete.
 
@@ -119,17 +120,17 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
                   shared: Path | None = None, only: list[str] | None = None) -> BenchmarkResult:
     """Train, translate and score every (fold, method, held-out case) for config.target, reusing what a
     previous run finished; multi-target methods train in `shared` (default OUT) for all config.targets."""
-    _same_evaluation(config, out)
     manifest = _dataset(config)
     folds = _folds(config, manifest)
+    unknown = sorted(set(only or []) - set(folds))
+    if unknown:
+        raise CrossdiffError(f"no fold {', '.join(unknown)}; the folds are {', '.join(folds)}")
+    _same_scoring(config, out)
     if config.budget["train_seconds"] is not None:  # timed on the first fold, whichever folds this run does
         first = next(iter(folds))
         config = _budgeted(config, _fold_manifest(manifest, folds[first], out / "folds" / first / "manifest.json"),
                            shared or out, log)
     if only:
-        unknown = sorted(set(only) - set(folds))
-        if unknown:
-            raise CrossdiffError(f"no fold {', '.join(unknown)}; the folds are {', '.join(folds)}")
         folds = {name: cases for name, cases in folds.items() if name in only}
     device = resolve_device(config.train["training"].get("device"))
     runs, methods, tuning = [], {}, []
@@ -171,22 +172,24 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
     return BenchmarkResult(config, out, folds, runs, methods, scale, planar, tuning)
 
 
-EVALUATION_RECORD = "evaluation.json"
+SCORING_RECORDS = {"evaluation": "evaluation.json", "tuning": "tuning-settings.json"}
 
 
-def _same_evaluation(config: BenchmarkConfig, out: Path) -> None:
-    """Scored translations are reused on resume, so OUT keeps the evaluation settings that scored them, and a
-    run with other settings (draws, slices, precision, ...) is refused rather than mixed into one report."""
-    record, settings = out / EVALUATION_RECORD, plain_json(config.evaluation)
-    if not record.is_file():
-        write_json(record, settings)
-        return
-    before = json.loads(record.read_text(encoding="utf-8"))
-    changed = sorted(key for key in set(before) | set(settings) if before.get(key) != settings.get(key))
-    if changed:
-        differences = ", ".join(f"{key}: {before.get(key)!r}, now {settings.get(key)!r}" for key in changed)
-        raise CrossdiffError(f"{out} was scored with other evaluation settings ({differences}); its scores would be "
-                             "mixed with new ones: use a fresh --out, or the settings it was run with")
+def _same_scoring(config: BenchmarkConfig, out: Path) -> None:
+    """Scored translations and tuning choices are reused on resume, so OUT keeps the settings that scored them
+    (evaluation: draws, slices, precision, ...; tuning: how candidates were scored), and a run with other
+    settings is refused rather than mixed into one report."""
+    for section, name in SCORING_RECORDS.items():
+        record, settings = out / name, plain_json(getattr(config, section))
+        if not record.is_file():
+            write_json(record, settings)
+            continue
+        before = json.loads(record.read_text(encoding="utf-8"))
+        changed = sorted(key for key in set(before) | set(settings) if before.get(key) != settings.get(key))
+        if changed:
+            differences = ", ".join(f"{key}: {before.get(key)!r}, now {settings.get(key)!r}" for key in changed)
+            raise CrossdiffError(f"{out} was scored with other {section} settings ({differences}); its scores would "
+                                 "be mixed with new ones: use a fresh --out, or the settings it was run with")
 
 
 MODEL_SUMMARY = "benchmark-model.json"

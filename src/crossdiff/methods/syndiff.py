@@ -91,12 +91,22 @@ class LargeSteps:
         gamma = self.gamma(j, x0)
         return earlier, (1.0 - gamma).sqrt() * earlier + gamma.sqrt() * standard_normal(x0, generator)
 
+    def _posterior_parts(self, j: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """gamma_j, sigma_j^2, sigma_{j-1}^2 and alpha_{j-1}: what q(x_{t_{j-1}} | x_{t_j}, x0) is made of."""
+        return (self.gamma(j, like), self._at(self.sigma, j, like) ** 2, self._at(self.sigma, j - 1, like) ** 2,
+                self._at(self.alpha, j - 1, like))
+
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, j: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A draw of q(x_{t_{j-1}} | x_{t_j}, x0); at j = 1 it is x0 itself (zero variance)."""
-        gamma, variance = self.gamma(j, x_t), self._at(self.sigma, j, x_t) ** 2
-        earlier_variance = self._at(self.sigma, j - 1, x_t) ** 2
-        mean = (self._at(self.alpha, j - 1, x_t) * gamma * x0 + (1.0 - gamma).sqrt() * earlier_variance * x_t) / variance
+        gamma, variance, earlier_variance, earlier_alpha = self._posterior_parts(j, x_t)
+        mean = (earlier_alpha * gamma * x0 + (1.0 - gamma).sqrt() * earlier_variance * x_t) / variance
         return mean + (gamma * earlier_variance / variance).sqrt() * standard_normal(x_t, generator)
+
+    def posterior_terms(self, j: int) -> tuple[float, float]:
+        """(c_j, s_j): the weight of x0 in the posterior's mean and its std, so a generated step's distance from
+        a true one (c_j |x0 - x0_hat| against s_j) can be read off."""
+        gamma, variance, earlier_variance, earlier_alpha = self._posterior_parts(torch.tensor([j]), torch.zeros(1))
+        return float(earlier_alpha * gamma / variance), float((gamma * earlier_variance / variance).sqrt())
 
 
 @dataclass
