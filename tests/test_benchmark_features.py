@@ -133,9 +133,13 @@ evaluation: {slices: 8}
     unknown = crossdiff("benchmark", "--config", config, "--out", out, "--folds", "fold2,fold9")
     assert_clear_failure(unknown, "no fold fold9", "the folds are fold1, fold2")
     assert not out.exists() or not any(out.iterdir())  # refused before anything was written
-    part = crossdiff("benchmark", "--config", config, "--out", out, "--folds", "fold2")  # e.g. one of two processes
+    assert_clear_failure(crossdiff("benchmark", "--config", config, "--out", out, "--methods", "unet,nonesuch"),
+                         str(config), "no method entry nonesuch", "the entries are intensity-map, unet")
+    assert not out.exists() or not any(out.iterdir())
+    part = crossdiff("benchmark", "--config", config, "--out", out, "--folds", "fold2", "--methods", "unet")
     assert part.returncode == 0, part.stderr[-2000:]
-    assert (out / "runs" / "fold2" / "unet").is_dir() and not (out / "runs" / "fold1").exists()
+    assert (out / "runs" / "fold2" / "unet").is_dir() and not (out / "runs" / "fold2" / "intensity-map").exists()
+    assert not (out / "runs" / "fold1").exists()
     first = crossdiff("benchmark", "--config", config, "--out", out)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "reusing the scored translations of unet in fold2" in " ".join(first.stderr.split())

@@ -449,7 +449,7 @@ def _targets(cls: type, target: str, stage: str | None, autoencoder: Path | None
     """--target as a list: several keys (comma-separated) only for a multi-target method (cldm). Also
     refuses, before any case is prepared, stage options that do not fit: only cldm has stages, and only
     its new diffusion stage an --autoencoder (a resumed run keeps its own)."""
-    targets = [key.strip() for key in target.split(",") if key.strip()]
+    targets = _names(target)
     if not cls.multi_target and len(targets) != 1:
         raise CrossdiffError(f"{cls.name} translates to one target, not {target!r}; cldm makes several (--target ct,mr)")
     if not cls.training_stages and (stage is not None or autoencoder is not None):
@@ -830,6 +830,11 @@ def evaluate(
         out_console.print(f"wrote {file}", soft_wrap=True, highlight=False)
 
 
+def _names(listed: str) -> list[str]:
+    """A comma-separated option's names."""
+    return [name.strip() for name in listed.split(",") if name.strip()]
+
+
 @app.command()
 def benchmark(
     config: Annotated[Path, typer.Option(help="Benchmark YAML (see benchmarks/configs/).")],
@@ -839,6 +844,8 @@ def benchmark(
                                                      "name>[-quick]).")] = None,
     folds: Annotated[Optional[str], typer.Option(help="Only these folds, comma-separated (e.g. fold1,fold2): "
                                                       "parallel runs into one --out; a run without it reuses them.")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Only these method entries (their names), comma-separated; "
+                                                        "as --folds, a run without it reuses their work.")] = None,
 ) -> None:
     """Train every listed method on one split with one budget, translate the held-out cases, score and report.
 
@@ -850,7 +857,9 @@ def benchmark(
 
     settings = load_benchmark_config(config, quick=quick)
     out = out or Path("crossdiff-runs") / f"benchmark-{config.stem}{'-quick' if quick else ''}"
-    only = [name.strip() for name in folds.split(",") if name.strip()] if folds else None
+    if methods:
+        settings = settings.with_methods(_names(methods))
+    only = _names(folds) if folds else None
     results = run_benchmarks(settings, out, log=lambda text: err_console.print(text, highlight=False, soft_wrap=True),
                              only=only)
     for result in results:

@@ -134,6 +134,15 @@ class BenchmarkConfig:
         """The same benchmark about one of its targets."""
         return replace(self, target=target)
 
+    def with_methods(self, names: list[str]) -> BenchmarkConfig:
+        """The same benchmark with only the named method entries (in the config's order), e.g. to share one
+        fold's work between processes; a run with all of them later reuses theirs."""
+        known = [entry.name for entry in self.methods]
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise InputError(self.path, f"no method entry {', '.join(unknown)}; the entries are {', '.join(known)}")
+        return replace(self, methods=[entry for entry in self.methods if entry.name in names])
+
     @property
     def fid_features(self) -> Path | None:
         value = self.evaluation["fid_features"]
