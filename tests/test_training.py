@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from heldout import sarcoma_split
-from helpers import REPO, SAMPLE, train_straight_and_killed
+from helpers import REPO, SAMPLE, assert_clear_failure, crossdiff, train_straight_and_killed
 from safetensors.torch import load_file, save_file
 
 from crossdiff import checkpoints
@@ -297,3 +297,26 @@ def test_unet_learns_more_than_a_linear_map_and_matches_it_on_a_held_out_patient
 
 if __name__ == "__main__":
     ddp_worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_a_second_trainer_of_one_run_folder_is_refused_and_a_killed_ones_lock_does_not_linger(tmp_path):
+    """A benchmark restarted while its killed parent's `crossdiff train` child still ran once trained one
+    folder twice at once (interleaved metrics, overwritten checkpoints): the second trainer must stop first."""
+    run = tmp_path / "run"
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"cases": {"sample": {"images": {"ct": str(SAMPLE / "ct.nii.gz"),
+                                                                      "mr": str(SAMPLE / "mr.nii.gz")}, "split": "train"}}}))
+    hold = ("import sys, time; from pathlib import Path; from crossdiff.run_lock import training_lock\n"
+            "with training_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        second = crossdiff("train", "--method", "unet", "--manifest", manifest, "--out", run, "--steps", "2")
+        assert_clear_failure(second, str(run), "is being trained by another process", f"pid {holder.pid}")
+        assert sorted(path.name for path in run.iterdir()) == [".training.lock"]  # it prepared and wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    after = crossdiff("train", "--method", "unet", "--manifest", manifest, "--out", run, "--steps", "2", "--batch-size", "2")
+    assert after.returncode == 0, after.stderr[-2000:]  # the kernel dropped the killed holder's lock
+    assert checkpoints.latest_checkpoint(run) is not None

@@ -367,6 +367,7 @@ def train(
     from crossdiff.inference import ModelSpec
     from crossdiff.methods import get_method
     from crossdiff.methods.cldm import AutoencoderStage, LatentDiffusion, stage_datasets
+    from crossdiff.run_lock import training_lock
     from crossdiff.training import TrainConfig, seed_everything
     from crossdiff.training import train as run_training
 
@@ -392,44 +393,45 @@ def train(
     else:
         source_ids, target_ids, val_ids, note = _unpaired_split(loaded, source, target, training.seed)
         train_ids = source_ids + target_ids
-    err_console.print(f"validation: {note}", highlight=False, soft_wrap=True)
-    with progress("preparing cases", total=len(set(train_ids + val_ids))) as (bar, task):
-        unique = list(dict.fromkeys(train_ids + val_ids))  # validation may run on the training cases themselves
-        prepared = dict(zip(unique, prepare_cases(
-            ((cid, loaded.cases[cid]) for cid in unique), preparation, cache or out / "cache",
-            on_case=lambda _: bar.advance(task),
-        )))
-    train_cases, val_cases = [prepared[cid] for cid in train_ids], [prepared[cid] for cid in val_ids]
-    if staged:
-        train_set, val_set = stage_datasets(settings["method"], train_cases, val_cases, source, slices)
-        spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)
-    else:
-        if cls.paired:
-            train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True, crop=cls.patch_training)
-            spec = ModelSpec.from_cases(train_cases, source, target, slices, preparation)
-        else:  # each side's scaling from its own cases; the source cases describe the grid inference works on
-            source_cases, target_cases = train_cases[: len(source_ids)], train_cases[len(source_ids) :]
-            train_set = UnpairedSliceDataset(source_cases, target_cases, source, target, slices, augment=True)
-            target_scaling = ModelSpec.from_cases(target_cases, target, target, slices, preparation).target_scaling
-            spec = replace(ModelSpec.from_cases(source_cases, source, source, slices, preparation),
-                           target=target, target_scaling=target_scaling)
-        val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
-    seed_everything(training.seed)
-    if autoencoder is not None:
-        model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
-    else:
-        model = cls(settings["method"], data)
-    validation = f"validating on {len(val_set)} slices of {len(val_cases)}" if val_set else "no validation cases"
-    err_console.print(f"training {method} on {len(train_set)} slices of {len(train_cases)} cases, {validation}")
-    result = run_training(model, train_set, val_set, training, out, resume=resume, extra_config=spec.to_sections())
-    out_console.print(f"step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items()))
-    if result.validation:
-        last = result.validation[-1]
-        values = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
-        out_console.print(f"validation (on the [-1, 1] training scale): {values}")
-    out_console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True, highlight=False)
-    if isinstance(model, AutoencoderStage):
-        _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
+    with training_lock(out):  # one trainer per run folder, taken before any case is prepared
+        err_console.print(f"validation: {note}", highlight=False, soft_wrap=True)
+        with progress("preparing cases", total=len(set(train_ids + val_ids))) as (bar, task):
+            unique = list(dict.fromkeys(train_ids + val_ids))  # validation may run on the training cases themselves
+            prepared = dict(zip(unique, prepare_cases(
+                ((cid, loaded.cases[cid]) for cid in unique), preparation, cache or out / "cache",
+                on_case=lambda _: bar.advance(task),
+            )))
+        train_cases, val_cases = [prepared[cid] for cid in train_ids], [prepared[cid] for cid in val_ids]
+        if staged:
+            train_set, val_set = stage_datasets(settings["method"], train_cases, val_cases, source, slices)
+            spec = ModelSpec.from_cases(train_cases, source, targets, slices, preparation)
+        else:
+            if cls.paired:
+                train_set = PairedSliceDataset(train_cases, source, target, slices, augment=True, crop=cls.patch_training)
+                spec = ModelSpec.from_cases(train_cases, source, target, slices, preparation)
+            else:  # each side's scaling from its own cases; the source cases describe the grid inference works on
+                source_cases, target_cases = train_cases[: len(source_ids)], train_cases[len(source_ids) :]
+                train_set = UnpairedSliceDataset(source_cases, target_cases, source, target, slices, augment=True)
+                target_scaling = ModelSpec.from_cases(target_cases, target, target, slices, preparation).target_scaling
+                spec = replace(ModelSpec.from_cases(source_cases, source, source, slices, preparation),
+                               target=target, target_scaling=target_scaling)
+            val_set = PairedSliceDataset(val_cases, source, target, slices) if val_cases else None
+        seed_everything(training.seed)
+        if autoencoder is not None:
+            model = LatentDiffusion.from_autoencoder(autoencoder, settings["method"], data, train_set)
+        else:
+            model = cls(settings["method"], data)
+        validation = f"validating on {len(val_set)} slices of {len(val_cases)}" if val_set else "no validation cases"
+        err_console.print(f"training {method} on {len(train_set)} slices of {len(train_cases)} cases, {validation}")
+        result = run_training(model, train_set, val_set, training, out, resume=resume, extra_config=spec.to_sections())
+        out_console.print(f"step {result.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.losses.items()))
+        if result.validation:
+            last = result.validation[-1]
+            values = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step")
+            out_console.print(f"validation (on the [-1, 1] training scale): {values}")
+        out_console.print(f"checkpoint: {result.checkpoint}", soft_wrap=True, highlight=False)
+        if isinstance(model, AutoencoderStage):
+            _report_reconstruction(result.checkpoint, val_cases or train_cases, targets, slices, out)
 
 
 def _check_method_section(method: str, section: dict, data: DataSpec, build: bool, source: Path) -> None:
