@@ -26,7 +26,9 @@ from crossdiff import read_volume, write_volume
 from crossdiff.data.layouts import detect_layout, prepare_dataset, scan
 from crossdiff.data.manifest import load_manifest
 from crossdiff.errors import InputError
+from crossdiff.evaluation.benchmark_report import _volume_units
 from crossdiff.evaluation.evaluate import evaluate_cases
+from crossdiff.evaluation.metrics import HU_SCALE, scale_for
 from crossdiff.evaluation.pairing import EvaluationCase
 from crossdiff.intensity import fit_scaling
 from crossdiff.masks import body_mask
@@ -126,6 +128,8 @@ def test_display_ct_is_scored_on_its_grey_range_with_a_bone_class(tmp_path: Path
     bone = inside & (truth.array >= 250)
     assert bone.any()
     np.testing.assert_allclose(values["mae_bone"], np.abs(prediction - truth.array)[bone].mean() / 255.0, rtol=1e-6)
+    scale = scale_for("CT", read_volume(reference, modality="CT").units)  # the benchmark report's spread and error
+    assert "grey levels (0-255; not the [0, 1] scale" in _volume_units(scale) and _volume_units(HU_SCALE) == "HU"
 
 
 def test_one_slice_cases_are_scored_with_2d_ssim() -> None:

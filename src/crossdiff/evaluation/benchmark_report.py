@@ -312,7 +312,8 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         sections.append(Section("Sample variability and uncertainty",
                                 "SD of each metric over the single draws; Spearman correlation of the per-voxel std "
                                 "with the absolute error of the mean inside the mask; the median std and the median "
-                                "absolute error inside the mask and their ratio (1: the spread is as large as the error).",
+                                f"absolute error inside the mask, in {_volume_units(result.scale)}, and their ratio (1: "
+                                "the spread is as large as the error).",
                                 [Table.from_records(_uncertainty_summary(variability)), Table.from_records(variability)],
                                 [drawn["calibration"]] if "calibration" in drawn else []))
     if "tuning.csv" in tables:
@@ -397,6 +398,15 @@ def _spread_and_error(result: BenchmarkResult, run: CaseRun) -> dict[str, float]
     error = float(np.median(np.abs(prediction - reference)[mask]))
     return {"median_std": float(np.median(spread)), "median_abs_error": error,
             "std_over_error": float(np.median(spread)) / error if error > 0 else float("nan")}
+
+
+def _volume_units(scale: Scale) -> str:
+    """The units of the saved volumes, which the spread and error medians are read from."""
+    if scale.hounsfield:
+        return "HU"
+    if scale.window is not None:
+        return f"the volumes' grey levels ({scale.window[0]:g}-{scale.window[1]:g}; not the [0, 1] scale of the tables above)"
+    return "the target's own units (before the [0, 1] scaling of the tables above)"
 
 
 def _uncertainty_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
