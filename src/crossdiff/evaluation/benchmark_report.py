@@ -208,7 +208,7 @@ def _figures(result: BenchmarkResult, names: list[str], folder: Path) -> dict[st
     for run in (r for r in runs if r.variability):
         tables.setdefault(run.method, [CalibrationBin(**b) for b in run.variability["calibration"]])
     if tables:
-        drawn["calibration"] = (figures.calibration_plot(folder / "calibration.png", tables, units),
+        drawn["calibration"] = (figures.calibration_plot(folder / "calibration.png", tables, _volume_units(result.scale)),
                                 "Observed error against predicted std (first case of each stochastic method)")
     return drawn
 
@@ -312,8 +312,9 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         sections.append(Section("Sample variability and uncertainty",
                                 "SD of each metric over the single draws; Spearman correlation of the per-voxel std "
                                 "with the absolute error of the mean inside the mask; the median std and the median "
-                                f"absolute error inside the mask, in {_volume_units(result.scale)}, and their ratio (1: "
-                                "the spread is as large as the error).",
+                                f"absolute error inside the mask (in {_volume_units(result.scale)}"
+                                f"{'' if result.hounsfield else ', not the [0, 1] scale of the tables above'}) and their "
+                                "ratio (1: the spread is as large as the error).",
                                 [Table.from_records(_uncertainty_summary(variability)), Table.from_records(variability)],
                                 [drawn["calibration"]] if "calibration" in drawn else []))
     if "tuning.csv" in tables:
@@ -401,12 +402,12 @@ def _spread_and_error(result: BenchmarkResult, run: CaseRun) -> dict[str, float]
 
 
 def _volume_units(scale: Scale) -> str:
-    """The units of the saved volumes, which the spread and error medians are read from."""
+    """The units of the saved volumes, which spreads, errors and calibration bins are measured in."""
     if scale.hounsfield:
         return "HU"
     if scale.window is not None:
-        return f"the volumes' grey levels ({scale.window[0]:g}-{scale.window[1]:g}; not the [0, 1] scale of the tables above)"
-    return "the target's own units (before the [0, 1] scaling of the tables above)"
+        return f"grey levels {scale.window[0]:g}-{scale.window[1]:g}"
+    return "target units"
 
 
 def _uncertainty_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
