@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -320,3 +322,37 @@ def test_a_second_trainer_of_one_run_folder_is_refused_and_a_killed_ones_lock_do
     after = crossdiff("train", "--method", "unet", "--manifest", manifest, "--out", run, "--steps", "2", "--batch-size", "2")
     assert after.returncode == 0, after.stderr[-2000:]  # the kernel dropped the killed holder's lock
     assert checkpoints.latest_checkpoint(run) is not None
+
+
+def test_a_benchmarks_training_child_dies_with_its_parent(tmp_path):
+    """Killing the process that trains through `crossdiff train` (the benchmark) must not leave the child
+    training on into the run folder: on Linux it gets SIGTERM when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux's")
+    run, config = tmp_path / "run", tmp_path / "train.yaml"
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"cases": {"sample": {"images": {"ct": str(SAMPLE / "ct.nii.gz"),
+                                                                      "mr": str(SAMPLE / "mr.nii.gz")}, "split": "train"}}}))
+    config.write_text("training: {steps: 1000000, batch_size: 2, checkpoint_every: 1000000}\n")
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from crossdiff.train_command import train_with_command; "
+                               "train_with_command('unet', Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), [])",
+                               str(manifest), str(run), str(config)])
+    lock = run / ".training.lock"
+    for _ in range(600):  # the child writes its pid once it holds the run folder
+        if lock.is_file() and lock.read_text().strip():
+            break
+        time.sleep(0.1)
+    child = int(lock.read_text())
+    assert child != parent.pid
+    parent.kill()
+    parent.wait()
+    for _ in range(300):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the training child outlived its parent")

@@ -4,6 +4,8 @@ already holds a checkpoint is resumed from it (its saved config wins); otherwise
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from crossdiff import checkpoints
 from crossdiff.errors import CrossdiffError
 
 POLL_SECONDS = 0.25
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,22 @@ def train_with_command(method: str, manifest: Path, run_dir: Path, config: Path,
     resumed = checkpoints.latest_checkpoint(run_dir) is not None
     command += ["--resume"] if resumed else ["--config", str(config), *(new_run_options or [])]
     start = time.perf_counter()
-    with subprocess.Popen(command) as child:
+    with subprocess.Popen(command, preexec_fn=_dies_with_parent if sys.platform.startswith("linux") else None) as child:
         peak = _peak_rss_until_exit(child)
     if child.returncode != 0:
         raise CrossdiffError(f"training {method} in {run_dir} failed (exit code {child.returncode}; its message is "
                              "above); run again to resume from the last checkpoint")
     return CommandRun(time.perf_counter() - start, resumed, command, peak)
+
+
+def _dies_with_parent() -> None:
+    """In the child, before it runs: Linux sends it SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so
+    a killed benchmark does not leave its training running on, unseen, into a run folder a restart wants.
+    prctl is looked up in the parent: the forked child calls it and nothing else."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def _peak_rss_until_exit(child: subprocess.Popen) -> int | None:
