@@ -4,6 +4,7 @@ tables, effect sizes, and a benchmark finished from its records alone (no checkp
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -144,6 +145,8 @@ evaluation: {slices: 8}
     assert first.returncode == 0, first.stderr[-2000:]
     assert "reusing the scored translations of unet in fold2" in " ".join(first.stderr.split())
     rate = json.loads((out / "budget" / "unet.json").read_text())["steps_per_cpu_s"]
+    costs = {row["method"]: row for row in csv.DictReader((out / "cost.csv").open())}
+    assert float(costs["unet"]["train_cpu_s"]) > 0  # the budget each method used, beside the one it was given
     assert not (out / "budget" / "intensity-map.json").exists()  # it names its own steps
     for fold in ("fold1", "fold2"):
         steps = [json.loads(line)["step"] for line in (out / "runs" / fold / "unet" / "metrics.jsonl").read_text().splitlines()]

@@ -42,7 +42,7 @@ from crossdiff.data.layouts import scan
 from crossdiff.data.manifest import Manifest, load_manifest, save_manifest, validation_cases
 from crossdiff.errors import CrossdiffError, InputError
 from crossdiff.evaluation.benchmark_config import LEAVE_ONE_OUT, BenchmarkConfig, MethodEntry
-from crossdiff.evaluation.cost import measure, parameter_count, training_seconds_per_step
+from crossdiff.evaluation.cost import measure, parameter_count, training_cpu_seconds, training_seconds_per_step
 from crossdiff.evaluation.evaluate import plain_json
 from crossdiff.evaluation.metrics import HU_SCALE, CaseMetrics, Scale, case_metrics, scale_for
 from crossdiff.evaluation.pairing import MANIFEST_SUFFIXES
@@ -85,6 +85,7 @@ class MethodInfo:
     parameters: int
     train_seconds_per_step: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
+    train_cpu_seconds: list[float] = field(default_factory=list)  # steps x logged CPU s per step: the budget used
     train_peak_memory_bytes: list[int] = field(default_factory=list)  # each training process's own peak RSS
 
 
@@ -153,6 +154,8 @@ def run_benchmark(config: BenchmarkConfig, out: Path, log: Callable[[str], None]
             per_step = summary["seconds_per_step"]
             info.train_seconds_per_step.extend([] if per_step is None else [per_step])
             info.train_seconds.extend([] if train_seconds is None else [train_seconds])
+            cpu = summary.get("train_cpu_seconds")
+            info.train_cpu_seconds.extend([] if cpu is None else [cpu])
             peak = json.loads((run_dir / TRAIN_RECORD).read_text(encoding="utf-8")).get("peak_memory_bytes")
             info.train_peak_memory_bytes.extend([] if peak is None else [int(peak)])
             scoring = _scoring(config, summary["target_units"], bool(summary["planar"]))
@@ -203,7 +206,7 @@ def _model_summary(run_dir: Path, model: LoadedModel | None, target: str) -> dic
     if model is None:
         return json.loads(path.read_text(encoding="utf-8"))
     summary = {"stochastic": model.method.stochastic, "parameters": parameter_count(model.method),
-               "seconds_per_step": training_seconds_per_step(run_dir),
+               "seconds_per_step": training_seconds_per_step(run_dir), "train_cpu_seconds": training_cpu_seconds(run_dir),
                "target_units": model.spec.for_target(target).target_scaling.units, "planar": model.spec.planar}
     write_json(path, summary)
     return summary

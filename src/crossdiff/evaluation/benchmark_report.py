@@ -109,6 +109,7 @@ def _cost_rows(result: BenchmarkResult) -> list[dict[str, Any]]:
             "parameters": info.parameters,
             "train_s_per_step": _mean(info.train_seconds_per_step),
             "train_minutes": None if not info.train_seconds else _mean(info.train_seconds) / 60,
+            "train_cpu_s": None if not info.train_cpu_seconds else _mean(info.train_cpu_seconds),
             "train_peak_memory_mb": max(info.train_peak_memory_bytes) / 2**20 if info.train_peak_memory_bytes else None,
             "s_per_volume": float(np.mean([c["seconds"] for c in mine])),
             "s_per_slice": float(np.mean([c["s_per_slice"] for c in mine])),
@@ -293,7 +294,10 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         Section("Per case", "", [Table.from_records(tables["results.csv"])]),
         Section("Statistical tests", test_note + " " + _best_note(tables["tests.csv"], overview),
                 [Table.from_records(_best_against_others(tables["tests.csv"], overview))] if tables["tests.csv"] else []),
-        Section("Cost", "Training peak memory: the peak RSS of each training process (the largest over folds). "
+        Section("Cost", "Means over folds. Training minutes: wall time of each training process, preparation "
+                "included (it depends on what else ran); training CPU seconds: its steps times the median CPU seconds "
+                "per step it logged, the training budget it used. "
+                "Training peak memory: the peak RSS of each training process (the largest over folds). "
                 "Translation peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
                 [drawn["speed"], drawn["nfe"]]),
         Section("Sampling speed", "Seconds per slice for one draw (translation time over translated slices and draws). "

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,21 +36,36 @@ def parameter_count(method: Method) -> int:
     return sum(p.numel() for module in method.modules().values() for p in module.parameters())
 
 
-def training_seconds_per_step(run_dir: Path) -> float | None:
-    """Median seconds per step over the rates the training loop logged in RUN/metrics.jsonl (the
-    median keeps the first window, which holds warm-up and data preparation, from dominating)."""
+def training_seconds_per_step(run_dir: Path, rate: str = "steps_per_s") -> float | None:
+    """Median seconds per step over the rates the training loop logged in RUN/metrics.jsonl (`rate`:
+    steps_per_s for wall seconds, steps_per_cpu_s for CPU seconds; the median keeps the first window,
+    which holds warm-up and data preparation, from dominating)."""
+    rates = [row[rate] for row in _logged(run_dir) if isinstance(row.get(rate), (int, float)) and row[rate] > 0]
+    return float(np.median([1.0 / value for value in rates])) if rates else None
+
+
+def training_cpu_seconds(run_dir: Path) -> float | None:
+    """The training's CPU seconds: its steps times the median CPU seconds per step it logged. A benchmark
+    budget gives every method budget x calibrated rate steps, so this is the budget each one actually
+    used: the check on its calibration (equal to the budget where the calibration was exact)."""
+    per_step = training_seconds_per_step(run_dir, "steps_per_cpu_s")
+    steps = [row["step"] for row in _logged(run_dir) if isinstance(row.get("step"), int)]
+    return None if per_step is None or not steps else per_step * max(steps)
+
+
+def _logged(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of RUN/metrics.jsonl that parse (a line cut short by a kill is skipped)."""
     path = Path(run_dir) / METRICS_LOG
     if not path.is_file():
-        return None
-    rates = []
+        return []
+    rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rate = json.loads(line).get("steps_per_s")
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rate, (int, float)) and rate > 0:
-            rates.append(1.0 / rate)
-    return float(np.median(rates)) if rates else None
+        rows.append(row if isinstance(row, dict) else {})
+    return rows
 
 
 @dataclass(frozen=True)
