@@ -72,6 +72,23 @@ def losses(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
 
 
+def test_a_non_finite_loss_stops_training_at_its_step_with_the_last_checkpoint_kept(tmp_path, data):
+    train_set, val_set, extra = data
+    method = build(0)
+    learn = method.training_step
+
+    def breaks_at_step_5(batch, context):
+        logged = learn(batch, context)
+        return {**logged, "loss": float("nan")} if context.step == 5 else logged
+
+    method.training_step = breaks_at_step_5
+    config = TrainConfig(steps=8, batch_size=4, checkpoint_every=2, log_every=1, seed=0, device="cpu")
+    with pytest.raises(CrossdiffError, match=r"unet's training loss is not finite at step 5 \(loss nan\)"):
+        train(method, train_set, val_set, config, tmp_path / "run", extra_config=extra)
+    assert checkpoints.latest_checkpoint(tmp_path / "run").name == checkpoints.step_name(4)
+    assert max(row["step"] for row in losses(tmp_path / "run")) == 4  # nothing of the broken step was logged
+
+
 def test_seeded_batches_depend_only_on_seed_and_epoch_and_shard_exactly():
     whole = list(SeededBatches(10, 4, seed=1, epoch=2, first=0))
     assert whole == list(SeededBatches(10, 4, seed=1, epoch=2, first=0))

@@ -146,8 +146,9 @@ class ReconstructionLoss(nn.Module):
         error = (prediction - target).abs()
         terms = {"l1": error.mean() if weight is None else (error * weight).sum() / weight.sum().clamp_min(1.0)}
         total = terms["l1"]
-        if self.ssim is not None:
-            terms["ssim"] = self.ssim(prediction.float(), target.float())
+        if self.ssim is not None:  # in fp32 even under autocast: in bf16 E[x^2] - E[x]^2 cancels to NaN
+            with torch.autocast(prediction.device.type, enabled=False):
+                terms["ssim"] = self.ssim(prediction.float(), target.float())
             total = total + self.ssim_weight * terms["ssim"]
         if self.perceptual is not None:
             terms["perceptual"] = self.perceptual(prediction, target)

@@ -575,7 +575,9 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
             generator = torch.Generator(device).manual_seed(stream_seed(config.seed, step, world.rank))
             context = StepContext(partial(state.apply, step=step), generator, device, step)
             with _autocast(device, config.precision):
-                running.add(method.training_step(_to_device(next(batches), device), context))
+                logged = method.training_step(_to_device(next(batches), device), context)
+            _refuse_non_finite(logged, method.name, step, run_dir)
+            running.add(logged)
             last = step == config.steps
             if step % config.log_every == 0 or last:
                 means, rates = running.take()
@@ -595,6 +597,16 @@ def _run(method: Method, modules: dict[str, nn.Module], train_set: Dataset, val_
                 saved = state.save(run_dir, step, history, described, config.keep_checkpoints)
             bar.update(task, completed=step)
     return TrainResult(max(done, config.steps), losses, history, saved or checkpoints.latest_checkpoint(run_dir))
+
+
+def _refuse_non_finite(logged: dict[str, float], name: str, step: int, run_dir: Path) -> None:
+    """Stop at the first NaN or infinite loss: the weights are gone by then, and training on would log a
+    thousand NaN steps and hand a broken model to whatever translates or scores next."""
+    bad = {key: value for key, value in logged.items() if not math.isfinite(float(value))}
+    if bad:
+        terms = ", ".join(f"{key} {value}" for key, value in bad.items())
+        raise CrossdiffError(f"{run_dir}: {name}'s training loss is not finite at step {step} ({terms}); the run "
+                             "stops here with its last checkpoint kept. Try precision fp32 or a lower learning rate")
 
 
 def _begin(state: _TrainingState, run_dir: Path, resume: bool, described: dict[str, Any], config: TrainConfig,
