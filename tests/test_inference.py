@@ -3,6 +3,7 @@ and the `crossdiff train` / `crossdiff translate` commands end to end on real fi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -143,6 +144,17 @@ def test_requests_a_model_cannot_serve_are_refused(model, mr):
     other = body_mask(read_volume(SAMPLE / "ct.nii.gz"))
     with pytest.raises(InputError, match="does not match the input's grid"):
         translate_volume(model, mr, mask=other)
+
+
+def test_a_model_whose_weights_went_nan_is_refused_not_written(model, mr):
+    """What a training on a NaN loss leaves behind: the translation must stop, naming the model."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        network = next(iter(broken.method.modules().values()))
+        next(network.parameters()).fill_(float("nan"))
+    with pytest.raises(CrossdiffError, match=r"non-finite values \(NaN or infinity\).*weights are broken"):
+        translate_volume(broken, mr)
+    assert np.isfinite(translate_volume(model, mr).mean.array).all()  # the intact model is untouched
 
 
 class NoisyCopy(Method):

@@ -402,10 +402,20 @@ def translate_volume(
         None if region is None else turn.forward(region),
         samples, options, batch_size, acceleration or Acceleration(), seed, progress,
     )
+    _refuse_non_finite(model, draws)
     draws = turn.backward(draws, lead=1)
     if grid is not None:
         draws = np.stack([resample_to(Volume(d, grid), volume.geometry, default_value=-1.0).array for d in draws])
     return _assemble(model.spec, volume.geometry, draws, body, keep_samples, nfe)
+
+
+def _refuse_non_finite(model: LoadedModel, draws: np.ndarray) -> None:
+    """Inputs with NaN are refused when read, so NaN out means broken weights (a diverged training): an sCT
+    with holes of NaN must not be written, scored or planned on."""
+    bad = int(np.count_nonzero(~np.isfinite(draws)))
+    if bad:
+        raise CrossdiffError(f"{model.folder}: the model's output holds {bad} non-finite values (NaN or infinity) of "
+                             f"{draws.size}; its weights are broken (a training that diverged?): retrain it")
 
 
 def source_scaling(spec: ModelSpec, volume: Volume, mask: np.ndarray | None) -> IntensityScaling:
