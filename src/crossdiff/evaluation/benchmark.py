@@ -85,7 +85,7 @@ class MethodInfo:
     parameters: int
     train_seconds_per_step: list[float] = field(default_factory=list)
     train_seconds: list[float] = field(default_factory=list)
-    train_cpu_seconds: list[float] = field(default_factory=list)  # steps x logged CPU s per step: the budget used
+    train_cpu_seconds: list[float] = field(default_factory=list)  # the training loop's CPU seconds: the budget used
     train_peak_memory_bytes: list[int] = field(default_factory=list)  # each training process's own peak RSS
 
 

@@ -295,8 +295,8 @@ def _sections(result: BenchmarkResult, names: list[str], tables: dict[str, list[
         Section("Statistical tests", test_note + " " + _best_note(tables["tests.csv"], overview),
                 [Table.from_records(_best_against_others(tables["tests.csv"], overview))] if tables["tests.csv"] else []),
         Section("Cost", "Means over folds. Training minutes: wall time of each training process, preparation "
-                "included (it depends on what else ran); training CPU seconds: its steps times the median CPU seconds "
-                "per step it logged, the training budget it used. "
+                "included (it depends on what else ran); training CPU seconds: the CPU time of its training loop (each "
+                "logged window's steps over its rate), the training budget it used. "
                 "Training peak memory: the peak RSS of each training process (the largest over folds). "
                 "Translation peak memory: " + result.runs[0].cost["memory"] + ".", [Table.from_records(tables["cost.csv"])],
                 [drawn["speed"], drawn["nfe"]]),

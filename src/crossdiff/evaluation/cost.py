@@ -45,12 +45,16 @@ def training_seconds_per_step(run_dir: Path, rate: str = "steps_per_s") -> float
 
 
 def training_cpu_seconds(run_dir: Path) -> float | None:
-    """The training's CPU seconds: its steps times the median CPU seconds per step it logged. A benchmark
-    budget gives every method budget x calibrated rate steps, so this is the budget each one actually
-    used: the check on its calibration (equal to the budget where the calibration was exact)."""
-    per_step = training_seconds_per_step(run_dir, "steps_per_cpu_s")
-    steps = [row["step"] for row in _logged(run_dir) if isinstance(row.get("step"), int)]
-    return None if per_step is None or not steps else per_step * max(steps)
+    """The CPU seconds of the training loop: each logged window's steps over its CPU rate, summed (warm-up
+    included, which a method that starts slow spends too). A benchmark budget gives every method budget x
+    calibrated rate steps, so this is the budget each one actually used: the check on its calibration."""
+    rows = [(row["step"], row["steps_per_cpu_s"]) for row in _logged(run_dir)
+            if isinstance(row.get("step"), int) and isinstance(row.get("steps_per_cpu_s"), (int, float))
+            and row["steps_per_cpu_s"] > 0]
+    total, previous = 0.0, 0
+    for step, rate in rows:
+        total, previous = total + max(step - previous, 0) / rate, step
+    return total if rows else None
 
 
 def _logged(run_dir: Path) -> list[dict[str, Any]]:
