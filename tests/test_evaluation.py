@@ -400,7 +400,6 @@ def test_cost_counts_parameters_reads_the_training_rate_and_measures_memory(tmp_
                                             '{"step": 30, "steps_per_s": 1.0, "steps_per_cpu_s": 4.0}\n'
                                             '{"step": 40, "steps_per_s": 1.0, "steps_per_cpu_s": 5.0}\n'
                                             '{"step": 40, "val_mae": 0.1}\n')
-    assert cost.training_seconds_per_step(tmp_path, "steps_per_cpu_s") == pytest.approx(0.25)
     assert cost.training_cpu_seconds(tmp_path) == pytest.approx(10 / 2 + 20 / 4 + 10 / 5)  # each window's steps / rate
     assert cost.training_cpu_seconds(tmp_path / "none") is None
     size = 256 * 2**20

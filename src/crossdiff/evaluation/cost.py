@@ -36,10 +36,10 @@ def parameter_count(method: Method) -> int:
     return sum(p.numel() for module in method.modules().values() for p in module.parameters())
 
 
-def training_seconds_per_step(run_dir: Path, rate: str = "steps_per_s") -> float | None:
-    """Median seconds per step over the rates the training loop logged in RUN/metrics.jsonl (`rate`:
-    steps_per_s for wall seconds, steps_per_cpu_s for CPU seconds; the median keeps the first window,
-    which holds warm-up and data preparation, from dominating)."""
+def training_seconds_per_step(run_dir: Path) -> float | None:
+    """Median wall seconds per step over the rates the training loop logged in RUN/metrics.jsonl (the
+    median keeps the first window, which holds warm-up and data preparation, from dominating)."""
+    rate = "steps_per_s"
     rates = [row[rate] for row in _logged(run_dir) if isinstance(row.get(rate), (int, float)) and row[rate] > 0]
     return float(np.median([1.0 / value for value in rates])) if rates else None
 
