@@ -318,13 +318,19 @@ if __name__ == "__main__":
     ddp_worker(Path(sys.argv[1]), Path(sys.argv[2]))
 
 
+def sample_manifest(folder: Path) -> Path:
+    """A manifest of the bundled patient as one training case, for `crossdiff train` in a child process."""
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps({"cases": {"sample": {"images": {"ct": str(SAMPLE / "ct.nii.gz"),
+                                                                      "mr": str(SAMPLE / "mr.nii.gz")}, "split": "train"}}}))
+    return manifest
+
+
 def test_a_second_trainer_of_one_run_folder_is_refused_and_a_killed_ones_lock_does_not_linger(tmp_path):
     """A benchmark restarted while its killed parent's `crossdiff train` child still ran once trained one
     folder twice at once (interleaved metrics, overwritten checkpoints): the second trainer must stop first."""
     run = tmp_path / "run"
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"cases": {"sample": {"images": {"ct": str(SAMPLE / "ct.nii.gz"),
-                                                                      "mr": str(SAMPLE / "mr.nii.gz")}, "split": "train"}}}))
+    manifest = sample_manifest(tmp_path)
     hold = ("import sys, time; from pathlib import Path; from crossdiff.run_lock import training_lock\n"
             "with training_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
@@ -347,9 +353,7 @@ def test_a_benchmarks_training_child_dies_with_its_parent(tmp_path):
     if not sys.platform.startswith("linux"):
         pytest.skip("parent-death signals are Linux's")
     run, config = tmp_path / "run", tmp_path / "train.yaml"
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"cases": {"sample": {"images": {"ct": str(SAMPLE / "ct.nii.gz"),
-                                                                      "mr": str(SAMPLE / "mr.nii.gz")}, "split": "train"}}}))
+    manifest = sample_manifest(tmp_path)
     config.write_text("training: {steps: 1000000, batch_size: 2, checkpoint_every: 1000000}\n")
     parent = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
                                "from crossdiff.train_command import train_with_command; "
