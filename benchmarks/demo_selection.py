@@ -6,7 +6,7 @@ STS_003, the bundled demo patient, is never seen here: the shipped model is then
 STS_002 with the chosen config (benchmarks/train_demo_model.py) and measured on STS_003 once
 (benchmarks/demo.py).
 
-Run:  python benchmarks/demo_selection.py [--candidates cddpm=demo-model.yaml cddpm=demo-model-v.yaml] [--steps 2000]
+Run:  python benchmarks/demo_selection.py [--candidates cddpm=demo-model.yaml bridge=demo-bridge.yaml ...] [--steps 2000]
 Writes benchmarks/results/demo-selection.md and .json; runs in benchmarks/runs/demo-selection/ (resumable).
 """
 
@@ -39,7 +39,8 @@ TRAIN, VALIDATE = "STS_001", "STS_002"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", nargs="+", default=["cddpm=demo-model.yaml", "cddpm=demo-model-v.yaml"],
+    parser.add_argument("--candidates", nargs="+",
+                        default=["cddpm=demo-model.yaml", "bridge=demo-bridge.yaml", "syndiff=demo-syndiff.yaml"],
                         help="METHOD=CONFIG (a file in benchmarks/configs) per candidate")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
