@@ -15,6 +15,8 @@ whether each sarcoma patient's MR shows that tissue where its CT does.
 4. Reference points on the demo's voxels: a constant at the training patients' median HU (a fair
    baseline), and two bounds fitted on the held-out patient itself: its own median HU, and the best
    map from MR intensity to HU (the median HU of each MR intensity bin).
+5. Does the sCT draw bone, and where? The share of voxels at >= 300 HU in the sCT and in the real CT, the
+   Dice overlap of the two, and the bone MAE split by whether the sCT drew bone there.
 
 Run:  python benchmarks/demo_errors.py [--out benchmarks/results]   (needs ../shared/data)
 Writes OUT/demo-errors.md and OUT/demo-errors.json.
@@ -76,7 +78,21 @@ def _tissues() -> dict:
                      "mae": float(np.abs(error[inside]).mean()), "me": float(error[inside].mean()),
                      "mae_contribution": float(np.abs(error[inside]).sum() / error.size)})
     return {"demo_mae": demo.metrics["mae"], "mae": float(np.abs(error).mean()), "voxels": int(error.size), "rows": rows,
+            "bone": _bone_drawn(synthetic[region], ct),
             "reference_points": _reference_points(mr.array[region].astype(np.float64), ct)}
+
+
+def _bone_drawn(synthetic: np.ndarray, ct: np.ndarray) -> dict[str, float]:
+    """Whether the sCT's bone (>= 300 HU) exists and lies on the real CT's: a model that blurs bone away
+    and one that draws it in the wrong place both miss the bone MAE, for different reasons."""
+    low = CLASSES["bone"][0]
+    drawn, real = synthetic >= low, ct >= low
+    error = np.abs(synthetic - ct)
+    return {"sct_share": float(drawn.mean()), "ct_share": float(real.mean()),
+            "dice": float(2 * (drawn & real).sum() / max(drawn.sum() + real.sum(), 1)),
+            "mae_where_drawn": float(error[real & drawn].mean()) if (real & drawn).any() else float("nan"),
+            "mae_where_missed": float(error[real & ~drawn].mean()) if (real & ~drawn).any() else float("nan"),
+            "share_of_ct_bone_drawn": float((real & drawn).sum() / max(real.sum(), 1))}
 
 
 def _reference_points(mr: np.ndarray, ct: np.ndarray) -> list[dict]:
@@ -146,6 +162,11 @@ def _markdown(result: dict) -> str:
         low, high = row["hu"]
         lines.append(f"| {row['tissue']} | [{low:g}, {high:g}) | {row['share']:.3f} | {row['mae']:.1f} | {row['me']:+.1f} | "
                      f"{row['mae_contribution']:.1f} |")
+    bone = tissues["bone"]
+    lines += ["", f"Bone drawn: the sCT puts {bone['sct_share']:.3f} of the voxels at >= {CLASSES['bone'][0]:g} HU, the real CT "
+              f"{bone['ct_share']:.3f}; Dice of the two {bone['dice']:.2f}. The sCT drew bone on "
+              f"{bone['share_of_ct_bone_drawn']:.0%} of the real CT's bone voxels (bone MAE {bone['mae_where_drawn']:.0f} HU "
+              f"there, {bone['mae_where_missed']:.0f} HU where it did not)."]
     lines += ["", "MAE of simple predictions on the same voxels (a prediction fitted on the held-out patient is a bound, "
               "not a method):", "", "| prediction | fitted on the held-out patient | MAE (HU) |", "|---|---|---|"]
     for point in tissues["reference_points"]:

@@ -1,8 +1,9 @@
 """Train the model `crossdiff demo` ships, and bundle it with its config and a training record.
 
 The model learns MR -> CT from sarcoma patients STS_001 and STS_002 only: STS_003, the patient bundled
-with the package, is held out (its slices are the validation set, which is reported and never used
-to pick a checkpoint: the last step is shipped). Training goes through `crossdiff train`, as a user's
+with the package, is held out and never read here (validation runs on the training patients, to watch for
+collapse; the last step is shipped). Which method and config to ship is chosen on the training patients
+by benchmarks/demo_selection.py. Training goes through `crossdiff train`, as a user's
 would; the result is exported (config.yaml + EMA weights, no training state) into
 src/crossdiff/sample/model/ with training-record.json, and SHA256SUMS is rewritten so the demo can
 tell a damaged copy.
@@ -71,7 +72,7 @@ def _record(args: argparse.Namespace, run_dir: Path, checkpoint: Path, seconds: 
     return {
         "method": args.method,
         "data": f"sarcoma-ct-mr-pet (../shared/data), MR T1 -> CT, trained on {', '.join(TRAINING_CASES)}; "
-                f"{SAMPLE_CASE} held out (validation only)",
+                f"{SAMPLE_CASE} held out (not used in training or validation)",
         "steps": state["step"],
         "batch_size": config["training"]["batch_size"],
         "slices": config["slices"],

@@ -126,7 +126,8 @@ def run_demo(
     record = read_json(record_file, "training record") if record_file.is_file() else {}
     settings = {"case": SAMPLE_CASE, "model": str(model_dir), "method": model.method.name, "device": device,
                 "samples": samples, "steps": steps or model.method.config.get("steps"), "seed": seed,
-                "sampler": model.method.config.get("sampler"), "precision": precision}
+                # methods with one way to sample (bridge, syndiff) name no sampler: theirs is the method's own
+                "sampler": model.method.config.get("sampler", model.method.name), "precision": precision}
     with atomic_directory(out) as folder:
         write_volume(translation.mean, folder / "sct.nii.gz")
         files = ["sct.nii.gz"]
