@@ -6,8 +6,9 @@ For every stochastic method, a 256 x 256 volume of the bundled patient's MR (its
 (network seconds); the same calls are then replayed on their own in the same process (bare network
 seconds; of each distinct call, its first REPLAYED calls, scaled to its count), so `overhead` = (total - bare) / bare
 is everything the loop adds: slicing, resizing, the sampler's arithmetic, random numbers, copies. The
-networks are untrained (speed does not depend on weights) and demo-sized: every UNet denoiser has the demo model's settings
-(src/crossdiff/sample/model/config.yaml), SynDiff and MUNIT their defaults (the demo's SynDiff
+networks are untrained (speed does not depend on weights) and demo-sized: every UNet denoiser has the demo candidates'
+settings (the denoiser defaults; cddpm as benchmarks/configs/demo-model.yaml, the demo model until the bridge),
+SynDiff and MUNIT their defaults (the demo's SynDiff
 candidate, benchmarks/configs/demo-syndiff.yaml, trains SynDiff's defaults). Seconds are measured on
 `--slices` slices and scaled to `--volume-slices` (time is linear in slices: the items are independent;
 the `linearity` rows measure SynDiff on 1x and 2x the slices to show it).
@@ -61,14 +62,14 @@ from crossdiff.demo import SAMPLE_DIR, run_demo, sample_entry
 from crossdiff.inference import LoadedModel, ModelSpec, translate_volume
 from crossdiff.methods import get_method
 from crossdiff.methods.base import DataSpec, Method
+from crossdiff.nets.denoiser import DENOISER_DEFAULTS
 from crossdiff.training import METRICS_LOG, TrainConfig, seed_everything, train
 from crossdiff.volumes import Geometry, Volume
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_METHOD = yaml.safe_load((SAMPLE_DIR / "model" / "config.yaml").read_text())["method"]["config"]
-DENOISER = {key: DEMO_METHOD[key] for key in
-            ("channels", "attention_levels", "num_res_blocks", "norm_num_groups", "num_head_channels")}
-# method -> settings beside its defaults; every UNet denoiser is the demo model's
+DENOISER = dict(DENOISER_DEFAULTS)
+DEMO_METHOD = {**DENOISER, **yaml.safe_load((REPO / "benchmarks" / "configs" / "demo-model.yaml").read_text())["method"]}
+# method -> settings beside its defaults; every UNet denoiser is the demo candidates'
 SETTINGS: dict[str, dict[str, Any]] = {
     "cddpm": DEMO_METHOD,
     "score-sde": DENOISER,

@@ -28,7 +28,7 @@ def main() -> None:
         root = Path(tmp)
         inputs = build_study_inputs(root / "inputs")
         study = root / "study"
-        result = crossdiff("study", "create", "--reference", inputs["reference"], "--method", f"cddpm={inputs['cddpm']}",
+        result = crossdiff("study", "create", "--reference", inputs["reference"], "--method", f"demo={inputs['demo']}",
                            "--method", f"linear={inputs['linear']}", "--cases", 2, "--slices", 2, "--title",
                            "Synthetic CT reader study", "--out", study)
         if result.returncode != 0:

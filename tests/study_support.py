@@ -27,7 +27,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def build_study_inputs(root: Path) -> dict[str, Path]:
     """Folders of real CT slabs of two sarcoma patients and two methods' outputs on the same grids:
-    `cddpm`, the bundled demo model's translation of the MR (2 sampler steps), and `linear`, the MR mapped
+    `demo`, the bundled demo model's translation of the MR (2 sampler steps), and `linear`, the MR mapped
     to HU by a least-squares line fitted inside the body. Returns {name: folder}, 'reference' included."""
     from crossdiff.inference import load_model, translate_volume
     from crossdiff.masks import body_mask
@@ -35,7 +35,7 @@ def build_study_inputs(root: Path) -> dict[str, Path]:
     from crossdiff.volumes import Volume, resample_to, write_volume
 
     model = load_model(REPO / "src" / "crossdiff" / "sample" / "model", "cpu")
-    folders = {name: root / name for name in ("reference", "cddpm", "linear")}
+    folders = {name: root / name for name in ("reference", "demo", "linear")}
     for case in CASES:
         ct = read_volume(SARCOMA / case / "CT" / "nifti" / "image" / "image.nii.gz")
         start = ct.shape[0] // 2 - SLAB // 2
@@ -46,7 +46,7 @@ def build_study_inputs(root: Path) -> dict[str, Path]:
         inside = body.array.astype(bool)
         slope, intercept = np.polyfit(mr.array[inside], slab.array[inside], 1)
         linear = slab.with_array(np.where(inside, slope * mr.array + intercept, -1024.0).astype(np.float32))
-        for name, volume in (("reference", slab), ("cddpm", translated), ("linear", linear)):
+        for name, volume in (("reference", slab), ("demo", translated), ("linear", linear)):
             write_volume(volume, folders[name] / f"{case}.nii.gz")
     return folders
 

@@ -29,9 +29,9 @@ from study_support import CASES, StudyServer, build_study_inputs, chromium, copy
 from crossdiff.study.agreement import krippendorff_alpha
 
 QUESTIONS = ("realism", "artefacts", "diagnostic-usability")
-METHODS = ("cddpm", "linear")
+METHODS = ("demo", "linear")
 WINDOWS = {"soft-tissue": (-160.0, 240.0), "bone": (-500.0, 1300.0)}  # W 400 / L 40 and W 1800 / L 400 HU
-TYPICAL = {"real": 4, "cddpm": 3, "linear": 2}  # the simulated readers' typical score of each source
+TYPICAL = {"real": 4, "demo": 3, "linear": 2}  # the simulated readers' typical score of each source
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_create_writes_a_blinded_study_from_folders(study, inputs, tmp_path):
     slices = {(e["case"], e["slice"]) for e in key.values()}
     assert {case for case, _ in slices} == set(CASES) and len(slices) == 4
     for case, z in slices:
-        assert sorted(e["source"] for e in key.values() if (e["case"], e["slice"]) == (case, z)) == ["cddpm", "linear", "real"]
+        assert sorted(e["source"] for e in key.values() if (e["case"], e["slice"]) == (case, z)) == ["demo", "linear", "real"]
     grouped = sorted(key, key=lambda i: (key[i]["case"], key[i]["slice"], key[i]["source"]))
     assert items != grouped  # shuffled
     import SimpleITK as sitk
@@ -157,13 +157,13 @@ def test_create_refuses_bad_inputs(inputs, tmp_path):
     assert_clear_failure(_create(inputs, out, "--cases", 3), "asked for 3 case(s)", "2 case(s)")
     shifted = tmp_path / "shifted"
     for case in CASES:
-        volume = read_volume(inputs["cddpm"] / f"{case}.nii.gz")
+        volume = read_volume(inputs["demo"] / f"{case}.nii.gz")
         write_volume(Volume.from_sitk(volume.to_sitk()[:, :, 1:], "CT", "HU"), shifted / f"{case}.nii.gz")
-    result = crossdiff("study", "create", "--reference", inputs["reference"], "--method", f"cddpm={shifted}",
+    result = crossdiff("study", "create", "--reference", inputs["reference"], "--method", f"demo={shifted}",
                        "--cases", 1, "--out", out)
     assert_clear_failure(result, str(shifted), "not on the grid")
     assert_clear_failure(crossdiff("study", "create", "--reference", inputs["reference"], "--method",
-                                   f"real={inputs['cddpm']}", "--out", out), "'real' names the real images")
+                                   f"real={inputs['demo']}", "--out", out), "'real' names the real images")
     assert_clear_failure(crossdiff("study", "create", "--out", out), "give either --from")
     assert not out.exists()
 

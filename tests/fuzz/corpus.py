@@ -172,7 +172,7 @@ def _documents(folder: Path) -> list[Seed]:
 def _models(folder: Path, sentinel: Path) -> list[Seed]:
     model = folder / "model"
     shutil.copytree(SAMPLE_MODEL, model)
-    seeds = [Seed("checkpoint", "checkpoint", model, "bundled demo model (cddpm)")]
+    seeds = [Seed("checkpoint", "checkpoint", model, "bundled demo model")]
     run = folder / "run"
     _tiny_run(run)
     seeds.append(Seed("run", "resume", run, "a 2-step unet run, resumed"))
