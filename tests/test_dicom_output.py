@@ -22,6 +22,7 @@ from helpers import REPO, SARCOMA, assert_clear_failure, crossdiff, needs_shared
 from phi import PHI, phi_found, phi_in_files, readable_text
 
 from crossdiff import __version__
+from crossdiff.checkpoints import read_config
 from crossdiff.dicom_output import Derivation, DicomRequest, read_source_series, write_dicom_outputs
 from crossdiff.errors import InputError
 from crossdiff.readers import read_volume
@@ -95,6 +96,7 @@ def test_sct_series_joins_the_mr_study_and_references_its_slices(translated: Sim
     assert {str(h.SeriesInstanceUID) for h in sct} != {str(mr[0].SeriesInstanceUID)}
     assert len({str(h.SeriesInstanceUID) for h in sct}) == 1
     weights = hashlib.sha256((MODEL / "model.safetensors").read_bytes()).hexdigest()[:12]
+    method = read_config(MODEL)["method"]["name"]
     for header in sct:
         assert header.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
         assert header.StudyInstanceUID == mr[0].StudyInstanceUID
@@ -104,7 +106,7 @@ def test_sct_series_joins_the_mr_study_and_references_its_slices(translated: Sim
         assert (str(header.PatientName), header.PatientID, header.PatientBirthDate) == (
             PHI["PatientName"], PHI["PatientID"], PHI["PatientBirthDate"])
         assert "InstitutionName" not in header  # the equipment is crossdiff, not the MR's hospital
-        for words in (f"crossdiff {__version__}", "cddpm", weights):
+        for words in (f"crossdiff {__version__}", f"method {method}", weights):
             assert words in header.DerivationDescription
         assert "crossdiff" in header.SeriesDescription
         (reference,) = header.SourceImageSequence

@@ -383,7 +383,7 @@ def test_a_crafted_checkpoint_config_is_named_before_anything_is_built(tmp_path:
     model = Path(shutil.copytree(MODEL, tmp_path / "model"))
     config = yaml.safe_load((model / "config.yaml").read_text())
     for change, problem in ((lambda c: c["data"].update(size=[100000, 100000]), "data.size"),
-                            (lambda c: c["method"]["config"].update(timesteps=10**9), "method.timesteps"),
+                            (lambda c: c["method"]["config"].update(steps=10**9), "method.steps"),
                             (lambda c: c["method"]["config"].update(lr="abc"), "method.lr: expected a finite number"),
                             (lambda c: c["model"]["scalings"]["target"].update(high=float("inf")), "scaling.high")):
         changed = json.loads(json.dumps(config))
