@@ -6,7 +6,7 @@
    and the Spearman correlation of the uncertainty map with the absolute error.
 3. The other candidates for the shipped model (benchmarks/demo_selection.py), and the UNet regression
    baseline, are trained on the same patients with the same grid, slices and budget
-   (benchmarks/train_demo_model.py --method M --config benchmarks/configs/CONFIG) and scored by the same
+   (benchmarks/train_demo_model.py --method M, with M's config in DEMO_CONFIGS) and scored by the same
    demo pipeline.
 
 Targets (issue 15): under 60 s on 2 CPU cores, MAE under 100 HU, bone MAE under 300 HU, Spearman >= 0.3.
@@ -29,14 +29,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from train_demo_model import DEMO_CONFIGS
 
 from crossdiff.demo import DEFAULT_SAMPLES, run_demo
 from crossdiff.methods import get_method
 
 REPO = Path(__file__).resolve().parents[1]
-# every method the demo could ship, with its config in benchmarks/configs; the shipped one is not trained again
-CANDIDATES = {"cddpm": "demo-model.yaml", "bridge": "demo-bridge.yaml", "syndiff": "demo-syndiff.yaml",
-              "unet": "demo-unet.yaml"}
 TARGETS = {"seconds": 60.0, "mae": 100.0, "mae_bone": 300.0, "spearman": 0.3}
 
 
@@ -45,8 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         runs = [_timed_demo(Path(scratch) / f"demo-{i}") for i in range(args.repeat)]
         demo = runs[-1]["summary"]
-        compared = {method: _compared(method, config, Path(scratch) / method)
-                    for method, config in CANDIDATES.items() if method != demo["method"]}
+        compared = {method: _compared(method, Path(scratch) / method) for method in DEMO_CONFIGS if method != demo["method"]}
     result = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -77,14 +74,13 @@ def _timed_demo(out: Path) -> dict:
     return {"seconds": seconds, "summary": json.loads((out / "summary.json").read_text())}
 
 
-def _compared(method: str, config: str, out: Path) -> dict:
+def _compared(method: str, out: Path) -> dict:
     """Train (or reuse) `method` on the demo model's data and budget, then score it like the demo (a
     stochastic method with the demo's number of draws)."""
     model = REPO / "benchmarks" / "runs" / f"demo-{method}" / "model"
     if not model.is_dir():
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_demo_model.py"), "--method", method,
-                        "--config", str(REPO / "benchmarks" / "configs" / config), "--out", str(model)],
-                       check=True)
+                        "--out", str(model)], check=True)
     result = run_demo(out, samples=DEFAULT_SAMPLES if get_method(method).stochastic else 1, model_dir=model)
     record = json.loads((model / "training-record.json").read_text())
     return {"metrics": result.metrics, "samples": result.samples, "nfe_per_draw": result.nfe,

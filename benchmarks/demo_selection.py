@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from train_demo_model import DEMO_CONFIGS
 
 from crossdiff.atomic import write_json, write_text
 from crossdiff.data.layouts import scan
@@ -27,6 +28,7 @@ from crossdiff.evaluation.metrics import case_metrics
 from crossdiff.evaluation.variability import uncertainty_error_correlation
 from crossdiff.inference import load_model, translate_volume
 from crossdiff.masks import body_mask
+from crossdiff.methods import get_method
 from crossdiff.provenance import describe_code_version
 from crossdiff.readers import read_volume
 from crossdiff.train_command import train_with_command
@@ -39,8 +41,8 @@ TRAIN, VALIDATE = "STS_001", "STS_002"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", nargs="+",
-                        default=["cddpm=demo-model.yaml", "bridge=demo-bridge.yaml", "syndiff=demo-syndiff.yaml"],
+    parser.add_argument("--candidates", nargs="+",  # the demo reports uncertainty: the stochastic methods only
+                        default=[f"{m}={c}" for m, c in DEMO_CONFIGS.items() if get_method(m).stochastic],
                         help="METHOD=CONFIG (a file in benchmarks/configs) per candidate")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")

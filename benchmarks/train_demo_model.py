@@ -8,7 +8,7 @@ would; the result is exported (config.yaml + EMA weights, no training state) int
 src/crossdiff/sample/model/ with training-record.json, and SHA256SUMS is rewritten so the demo can
 tell a damaged copy.
 
-Run:  python benchmarks/train_demo_model.py [--method cddpm] [--config benchmarks/configs/demo-model.yaml]
+Run:  python benchmarks/train_demo_model.py [--method bridge] [--config benchmarks/configs/demo-bridge.yaml]
       [--out src/crossdiff/sample/model]   (a killed run resumes from its last checkpoint)
 """
 
@@ -33,6 +33,10 @@ from crossdiff.train_command import train_with_command
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "sarcoma-ct-mr-pet"
 TRAINING_CASES = ("STS_001", "STS_002")
+# method -> its config (benchmarks/configs) on the demo model's data, grid, slices and budget: the candidates
+# benchmarks/demo_selection.py chooses from, and the UNet baseline benchmarks/demo.py scores beside them
+DEMO_CONFIGS = {"cddpm": "demo-model.yaml", "bridge": "demo-bridge.yaml", "syndiff": "demo-syndiff.yaml",
+                "unet": "demo-unet.yaml"}
 
 
 def main() -> None:
@@ -54,11 +58,14 @@ def main() -> None:
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="cddpm")
-    parser.add_argument("--config", type=Path, default=REPO / "benchmarks" / "configs" / "demo-model.yaml")
+    shipped = read_config(SAMPLE_DIR / "model")["method"]["name"]  # demo_selection.py's choice, retrained by default
+    parser.add_argument("--method", default=shipped, choices=sorted(DEMO_CONFIGS))
+    parser.add_argument("--config", type=Path, help="default: the method's demo config in benchmarks/configs")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=SAMPLE_DIR / "model")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.config = args.config or REPO / "benchmarks" / "configs" / DEMO_CONFIGS[args.method]
+    return args
 
 
 def _record(args: argparse.Namespace, run_dir: Path, checkpoint: Path, seconds: float, resumed: bool) -> dict:
