@@ -39,8 +39,8 @@ def parameter_count(method: Method) -> int:
 def training_seconds_per_step(run_dir: Path) -> float | None:
     """Median wall seconds per step over the rates the training loop logged in RUN/metrics.jsonl (the
     median keeps the first window, which holds warm-up and data preparation, from dominating)."""
-    rate = "steps_per_s"
-    rates = [row[rate] for row in _logged(run_dir) if isinstance(row.get(rate), (int, float)) and row[rate] > 0]
+    rates = [row["steps_per_s"] for row in _logged(run_dir)
+             if isinstance(row.get("steps_per_s"), (int, float)) and row["steps_per_s"] > 0]
     return float(np.median([1.0 / value for value in rates])) if rates else None
 
 
